@@ -1,0 +1,219 @@
+"""Serving side of the embeddable ublk library: one :class:`Queue` per device queue.
+
+A queue belongs to the thread that opened it (the kernel binds the queue to the task that fetched
+its tags).  That thread calls :meth:`Queue.wait` in a loop, or, from an event loop, watches
+:meth:`Queue.fileno` and calls :meth:`Queue.process`.  Requests may be completed from any thread:
+completions from other threads are handed back to the owner by the native core.
+
+Data moves with :meth:`Queue.read_data` (a WRITE's payload into a buffer the backend chose) and
+the ``data`` argument of :meth:`Queue.complete` (a READ's result from the backend's buffer).  In
+user-copy mode (the default on 6.5+) the core holds no data buffers at all; in buffer mode (older
+kernels) each tag has one, exposed zero-copy by :meth:`Queue.buffer`.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import threading
+from array import array
+from collections import namedtuple
+from struct import Struct
+
+from .core import ffi, lib
+
+OP_READ = 0
+OP_WRITE = 1
+OP_FLUSH = 2
+OP_DISCARD = 3
+OP_WRITE_SAME = 4
+OP_WRITE_ZEROES = 5
+OP_NAMES = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush", OP_DISCARD: "discard",
+            OP_WRITE_SAME: "write_same", OP_WRITE_ZEROES: "write_zeroes"}
+F_FUA = 1 << 13
+F_NOUNMAP = 1 << 15
+
+NATIVE = {None: lib.UBQ_NATIVE_NONE, "null": lib.UBQ_NATIVE_NULL}
+
+_REQ = Struct("<QIIH6x")
+assert _REQ.size == ffi.sizeof("struct ubq_req")
+
+
+class QueueStopped(Exception):
+    """The kernel aborted every tag of the queue: the device is stopping.  Close the queue."""
+
+
+class Request(namedtuple("Request", "offset length op_flags tag")):
+    """One block request: byte ``offset`` and ``length``, the op with its flags, and the tag that
+    names it until it is completed."""
+    __slots__ = ()
+
+    @property
+    def op(self) -> int:
+        return self.op_flags & 0xFF
+
+    @property
+    def op_name(self) -> str:
+        return OP_NAMES.get(self.op_flags & 0xFF, str(self.op_flags & 0xFF))
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.op_flags & F_FUA)
+
+    @property
+    def no_unmap(self) -> bool:
+        return bool(self.op_flags & F_NOUNMAP)
+
+
+_make_request = Request._make
+
+
+class Queue:
+    """Queue ``q_id`` of ``device``; see the module docstring.  ``native="null"`` completes every
+    request inside the core (the speed reference) so :meth:`wait` never returns any."""
+
+    def __init__(self, device, q_id: int, *, native: str | None = None, batch: int | None = None,
+                 io_flusher: bool = True):
+        self.device = device
+        self.q_id = q_id
+        self.depth = device.info.depth
+        self.max_io_bytes = device.info.max_io_bytes
+        if native not in NATIVE:
+            raise ValueError(f"unknown native target {native!r}; known: {sorted(k for k in NATIVE if k)}")
+        pp = ffi.new("struct ubq **")
+        ret = lib.ubq_open(pp, device.cdev_fd, q_id, self.depth, self.max_io_bytes, device.info.flags)
+        if ret < 0:
+            raise OSError(-ret, f"opening queue {q_id} of ublk device {device.dev_id}: {_errno.errorcode.get(-ret)}")
+        self._q = pp[0]
+        lib.ubq_set_native(self._q, NATIVE[native])
+        if io_flusher:
+            lib.ub_set_io_flusher()  # needs CAP_SYS_RESOURCE; harmless without
+        self._owner = threading.get_ident()
+        n = batch or self.depth
+        self._out = ffi.new("struct ubq_req[]", n)
+        self._out_buf = ffi.buffer(self._out)
+        self._max_out = n
+        self._done_tags = array("H")
+        self._done_res = array("i")
+        self.closed = False
+        ret = lib.ubq_fetch_all(self._q)
+        if ret < 0:
+            lib.ubq_close(self._q)
+            self.closed = True
+            raise OSError(-ret, f"FETCH_REQ on queue {q_id} of ublk device {device.dev_id} failed")
+
+    # ---- the loop
+    def wait(self, timeout: float | None = None) -> list[Request]:
+        """Commit what was completed on this thread, then wait up to ``timeout`` seconds (None:
+        until something happens; a signal also returns early) for requests.  Returns them (maybe
+        an empty list).  Raises :class:`QueueStopped` once the device is stopping and every tag
+        has been aborted.  The GIL is released while waiting."""
+        tags, res = self._done_tags, self._done_res
+        n_done = len(tags)
+        ms = -1 if timeout is None else int(timeout * 1000)
+        if n_done:
+            ret = lib.ubq_run(self._q, ffi.from_buffer("uint16_t[]", tags), ffi.from_buffer("int32_t[]", res),
+                              n_done, self._out, self._max_out, ms)
+            del tags[:]
+            del res[:]
+        else:
+            ret = lib.ubq_run(self._q, ffi.NULL, ffi.NULL, 0, self._out, self._max_out, ms)
+        if ret > 0:
+            return list(map(_make_request, _REQ.iter_unpack(self._out_buf[: ret * 24])))
+        if ret == 0:
+            return []
+        if ret == -_errno.ENODEV:
+            raise QueueStopped(f"queue {self.q_id} of ublk device {self.device.dev_id} stopped")
+        raise OSError(-ret, f"io_uring wait on queue {self.q_id}: {_errno.errorcode.get(-ret)}")
+
+    def process(self) -> list[Request]:
+        """Non-blocking :meth:`wait`, for event loops after :meth:`fileno` became readable."""
+        return self.wait(0)
+
+    def fileno(self) -> int:
+        """An fd that becomes readable when :meth:`process` has something to do (owner thread)."""
+        fd = lib.ubq_poll_fd(self._q)
+        if fd < 0:
+            raise OSError(-fd, "registering the queue's eventfd")
+        return fd
+
+    # ---- completing
+    def complete(self, req: Request, result: int, data=None) -> None:
+        """Complete ``req`` with ``result``: bytes transferred for READ/WRITE, 0 for the others,
+        or ``-errno``.  ``data`` (READ only) is copied into the request first: any object with the
+        buffer protocol.  Callable from any thread; from the owner it costs no system call."""
+        if data is not None:
+            self.write_data(req, data)
+        if threading.get_ident() == self._owner:
+            self._done_tags.append(req.tag)
+            self._done_res.append(result)
+        else:
+            ret = lib.ubq_complete(self._q, req.tag, result)
+            if ret < 0:
+                raise OSError(-ret, f"tag {req.tag} of queue {self.q_id} is not held by the backend")
+
+    def fail(self, req: Request, err: int = _errno.EIO) -> None:
+        self.complete(req, -abs(err))
+
+    # ---- data
+    def read_data(self, req: Request, buf, offset: int = 0) -> int:
+        """Copy the payload of a WRITE (from ``offset`` within the request) into ``buf``, a
+        writable buffer of the backend's choosing; returns the byte count."""
+        n = len(buf) if not isinstance(buf, memoryview) else buf.nbytes
+        ret = lib.ubq_copy_from_req(self._q, req.tag, ffi.from_buffer(buf, require_writable=True), n, offset)
+        if ret < 0:
+            raise OSError(-ret, f"reading data of tag {req.tag} (queue {self.q_id})")
+        return ret
+
+    def write_data(self, req: Request, data, offset: int = 0) -> int:
+        """Copy ``data`` into a READ request at ``offset``; returns the byte count."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        ret = lib.ubq_copy_to_req(self._q, req.tag, ffi.from_buffer(data), n, offset)
+        if ret < 0:
+            raise OSError(-ret, f"writing data of tag {req.tag} (queue {self.q_id})")
+        return ret
+
+    def buffer(self, req: Request) -> memoryview | None:
+        """Buffer mode: the request's data buffer, zero-copy (None in user-copy mode)."""
+        ptr = lib.ubq_tag_buffer(self._q, req.tag)
+        if ptr == ffi.NULL:
+            return None
+        return memoryview(ffi.buffer(ptr, req.length))
+
+    @property
+    def user_copy(self) -> bool:
+        return bool(lib.ubq_user_copy(self._q))
+
+    # ---- bookkeeping
+    def stats(self) -> dict:
+        st = ffi.new("struct ubq_stats *")
+        lib.ubq_get_stats(self._q, st)
+        return {
+            "ops": {OP_NAMES[i]: st.ops[i] for i in range(lib.UBQ_NR_OPS)},
+            "bytes": {OP_NAMES[i]: st.bytes[i] for i in range(lib.UBQ_NR_OPS)},
+            "errors": st.errors, "in_flight": st.in_flight, "bad_completions": st.bad_completions,
+            "kernel_errors": st.kernel_errors, "last_kernel_error": st.last_kernel_error,
+            "aborted": st.aborted, "latency_us_log2": list(st.lat_us),
+        }
+
+    def serve_forever(self, handle, timeout: float = 1.0) -> None:
+        """Convenience loop: ``handle(queue, requests)`` for every batch until the queue stops."""
+        try:
+            while True:
+                reqs = self.wait(timeout)
+                if reqs:
+                    handle(self, reqs)
+        except QueueStopped:
+            pass
+
+    def close(self) -> None:
+        """Tear down the ring and mappings (owner thread).  Closing a queue of a live device makes
+        the kernel treat its server as gone."""
+        if not self.closed:
+            self.closed = True
+            lib.ubq_close(self._q)
+            self._q = None
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
