@@ -1,0 +1,41 @@
+import os
+import shutil
+
+import pytest
+
+from runner import ublk
+
+pytestmark = pytest.mark.device
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if str(item.fspath).startswith(os.path.dirname(__file__)):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(autouse=True)
+def no_device_left_behind():
+    """Every device test must leave the kernel without devices of ours."""
+    yield
+    if not ublk.available():
+        return
+    left = [d for d in ublk.list_devices() if d.ours]
+    if left:
+        ublk.cleanup_dead(include_quiesced=True)
+        for d in ublk.list_devices():
+            if d.ours:
+                try:
+                    ublk._control().command("STOP_DEV", d.dev_id, timeout=5)
+                except ublk.UblkError:
+                    pass
+                ublk._control().command("DEL_DEV_ASYNC", d.dev_id, timeout=5)
+        pytest.fail(f"test left ublk devices behind: {left}")
+
+
+@pytest.fixture
+def fio():
+    path = shutil.which("fio")
+    if not path:
+        pytest.skip("fio not installed")
+    return path
