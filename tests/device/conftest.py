@@ -1,17 +1,8 @@
-import os
 import shutil
 
 import pytest
 
 from runner import ublk
-
-pytestmark = pytest.mark.device
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if str(item.fspath).startswith(os.path.dirname(__file__)):
-            item.add_marker(pytest.mark.device)
 
 
 @pytest.fixture(autouse=True)

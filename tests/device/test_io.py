@@ -10,6 +10,8 @@ from runner.queue import OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROE
 
 from .memserver import MemServer
 
+pytestmark = pytest.mark.device
+
 BLKDISCARD = 0x1277
 BLKZEROOUT = 0x127F
 

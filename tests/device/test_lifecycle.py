@@ -12,6 +12,8 @@ from runner.queue import QueueStopped
 
 from .memserver import MemServer
 
+pytestmark = pytest.mark.device
+
 
 def test_features_reported():
     feats = ublk.get_features()

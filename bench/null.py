@@ -1,0 +1,45 @@
+"""Null targets side by side: the core's native null path, a null completed by Python in
+batches, and the kernel's null_blk.  fio 4k randread, io_uring, direct, iodepth 64, one job
+pinned away from the queue thread.  Run in the VM:
+
+    tests/vm/run .venv/bin/python bench/null.py [--runtime 10] [--json FILE]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ServedDevice, fio, table  # noqa: E402
+
+SIZE = 1 << 30
+
+
+def python_null(q, reqs):
+    complete = q.complete
+    for r in reqs:
+        complete(r, r.length)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runtime", type=int, default=10)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if not os.path.exists("/dev/nullb0"):
+        subprocess.run(["modprobe", "null_blk"], check=True)
+    rows = []
+    rows.append(("kernel null_blk", fio("/dev/nullb0", runtime=args.runtime)))
+    with ServedDevice(SIZE, native="null") as dev:
+        rows.append(("ublk-runner native null (core, no Python)", fio(dev.block_path, runtime=args.runtime)))
+    with ServedDevice(SIZE, handle=python_null) as dev:
+        rows.append(("ublk-runner null completed by Python, batched", fio(dev.block_path, runtime=args.runtime)))
+    print(table("4k randread QD64, 1 queue", rows, "kernel null_blk"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
