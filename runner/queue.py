@@ -31,7 +31,7 @@ OP_NAMES = {OP_READ: "read", OP_WRITE: "write", OP_FLUSH: "flush", OP_DISCARD: "
 F_FUA = 1 << 13
 F_NOUNMAP = 1 << 15
 
-NATIVE = {None: lib.UBQ_NATIVE_NONE, "null": lib.UBQ_NATIVE_NULL}
+NATIVE = {None: lib.UBQ_NATIVE_NONE, "null": lib.UBQ_NATIVE_NULL, "file": lib.UBQ_NATIVE_FILE}
 
 _REQ = Struct("<QIIH6x")
 assert _REQ.size == ffi.sizeof("struct ubq_req")
@@ -67,11 +67,18 @@ _make_request = Request._make
 
 
 class Queue:
-    """Queue ``q_id`` of ``device``; see the module docstring.  ``native="null"`` completes every
-    request inside the core (the speed reference) so :meth:`wait` never returns any."""
+    """Queue ``q_id`` of ``device``; see the module docstring.
 
-    def __init__(self, device, q_id: int, *, native: str | None = None, batch: int | None = None,
-                 io_flusher: bool = True):
+    ``native`` makes the core serve every request itself, so :meth:`wait` never returns any (it
+    must still be called: it drives the queue):
+
+    - ``"null"``: complete at once (the speed reference); ``native_options`` may hold
+      ``latency_us``, ``error_ops`` (a set of op numbers) and ``error`` (an errno) to inject;
+    - ``"file"``: io_uring reads/writes/fdatasync/fallocate on ``native_options["fd"]``.
+    """
+
+    def __init__(self, device, q_id: int, *, native: str | None = None, native_options: dict | None = None,
+                 batch: int | None = None, io_flusher: bool = True):
         self.device = device
         self.q_id = q_id
         self.depth = device.info.depth
@@ -83,7 +90,18 @@ class Queue:
         if ret < 0:
             raise OSError(-ret, f"opening queue {q_id} of ublk device {device.dev_id}: {_errno.errorcode.get(-ret)}")
         self._q = pp[0]
-        lib.ubq_set_native(self._q, NATIVE[native])
+        opts = native_options or {}
+        if native == "null":
+            ret = lib.ubq_set_native_null(self._q, int(opts.get("latency_us", 0)),
+                                          sum(1 << op for op in opts.get("error_ops", ())),
+                                          int(opts.get("error", _errno.EIO)))
+        elif native == "file":
+            ret = lib.ubq_set_native_file(self._q, opts["fd"])
+        else:
+            ret = 0
+        if ret < 0:
+            lib.ubq_close(self._q)
+            raise OSError(-ret, f"setting up the native {native} target of queue {q_id}")
         if io_flusher:
             lib.ub_set_io_flusher()  # needs CAP_SYS_RESOURCE; harmless without
         self._owner = threading.get_ident()

@@ -71,6 +71,7 @@ struct ubq_req {
 #define UBQ_LAT_BUCKETS ...
 #define UBQ_NATIVE_NONE ...
 #define UBQ_NATIVE_NULL ...
+#define UBQ_NATIVE_FILE ...
 struct ubq_stats {
     uint64_t ops[...];
     uint64_t bytes[...];
@@ -111,6 +112,8 @@ int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
 void ubq_close(struct ubq *q);
 int ubq_fetch_all(struct ubq *q);
 int ubq_set_native(struct ubq *q, int kind);
+int ubq_set_native_null(struct ubq *q, uint32_t latency_us, uint32_t error_ops, int32_t error);
+int ubq_set_native_file(struct ubq *q, int fd);
 int ubq_run(struct ubq *q, const uint16_t *tags, const int32_t *results, uint32_t n_done,
             struct ubq_req *out, uint32_t max_out, int timeout_ms);
 int ubq_complete(struct ubq *q, uint16_t tag, int32_t result);

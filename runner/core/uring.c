@@ -4,6 +4,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -27,6 +28,8 @@
 #define UD_IO     (1ULL << 56)
 #define UD_WAKE   (2ULL << 56)
 #define UD_CANCEL (3ULL << 56)
+#define UD_TARGET (4ULL << 56) /* native file IO on the backing fd */
+#define UD_TIMER  (5ULL << 56) /* native null's injected latency */
 #define UD_KIND(ud) ((ud) & (0xffULL << 56))
 
 #define CTRL_STAGING 4096
@@ -259,6 +262,13 @@ struct ubq {
 	uint64_t wake_val;
 	int poll_fd;
 
+	/* native targets */
+	uint8_t *tbufs; /* native file in user-copy mode: per-tag staging buffers */
+	size_t tbufs_len;
+	struct __kernel_timespec null_latency;
+	uint32_t null_error_ops; /* bit per UBLK_IO_OP_* */
+	int32_t null_error;
+
 	struct ubq_stats st;
 };
 
@@ -372,7 +382,10 @@ int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
 	}
 	if (ret < 0)
 		goto fail;
-	ret = io_uring_register_files(&q->ring, &cdev_fd, 1);
+	{
+		int files[2] = {cdev_fd, -1}; /* slot 1: a native target's backing file */
+		ret = io_uring_register_files(&q->ring, files, 2);
+	}
 	if (ret < 0) {
 		io_uring_queue_exit(&q->ring);
 		goto fail;
@@ -409,6 +422,8 @@ void ubq_close(struct ubq *q)
 	close(q->wake_fd);
 	if (q->bufs)
 		munmap(q->bufs, q->bufs_len);
+	if (q->tbufs)
+		munmap(q->tbufs, q->tbufs_len);
 	munmap((void *)q->iods, q->iods_len);
 	free((void *)q->state);
 	free(q->t_deliver);
@@ -446,6 +461,38 @@ int ubq_set_native(struct ubq *q, int kind)
 	if (kind != UBQ_NATIVE_NONE && kind != UBQ_NATIVE_NULL)
 		return -EINVAL;
 	q->native = kind;
+	return 0;
+}
+
+int ubq_set_native_null(struct ubq *q, uint32_t latency_us, uint32_t error_ops, int32_t error)
+{
+	q->native = UBQ_NATIVE_NULL;
+	q->null_latency.tv_sec = latency_us / 1000000;
+	q->null_latency.tv_nsec = (long long)(latency_us % 1000000) * 1000;
+	q->null_error_ops = error_ops;
+	q->null_error = error > 0 ? -error : error;
+	return 0;
+}
+
+int ubq_set_native_file(struct ubq *q, int fd)
+{
+	int ret;
+
+	if (q->fetched)
+		return -EBUSY;
+	ret = io_uring_register_files_update(&q->ring, 1, &fd, 1);
+	if (ret < 0)
+		return ret;
+	if (q->user_copy && !q->tbufs) {
+		q->tbufs_len = (size_t)q->depth * q->max_io_bytes;
+		q->tbufs = mmap(NULL, q->tbufs_len, PROT_READ | PROT_WRITE,
+				MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+		if (q->tbufs == MAP_FAILED) {
+			q->tbufs = NULL;
+			return -errno;
+		}
+	}
+	q->native = UBQ_NATIVE_FILE;
 	return 0;
 }
 
@@ -555,13 +602,113 @@ int ubq_poll_fd(struct ubq *q)
 	return q->poll_fd;
 }
 
+static int32_t null_result(const struct ublksrv_io_desc *iod)
+{
+	unsigned op = iod->op_flags & 0xff;
+
+	return (op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) ? (int32_t)iod->nr_sectors << 9 : 0;
+}
+
+static void ubq_native_commit(struct ubq *q, uint16_t tag, int32_t res)
+{
+	atomic_store(&q->state[tag], TAG_COMPLETING);
+	ubq_commit(q, tag, res);
+}
+
 static void ubq_native_null(struct ubq *q, uint16_t tag, const struct ublksrv_io_desc *iod)
 {
 	unsigned op = iod->op_flags & 0xff;
-	int32_t res = (op == UBLK_IO_OP_READ || op == UBLK_IO_OP_WRITE) ? (int32_t)iod->nr_sectors << 9 : 0;
+	struct io_uring_sqe *sqe;
 
-	atomic_store(&q->state[tag], TAG_COMPLETING);
-	ubq_commit(q, tag, res);
+	if (op < 32 && (q->null_error_ops & (1U << op))) {
+		ubq_native_commit(q, tag, q->null_error);
+		return;
+	}
+	if (q->null_latency.tv_sec || q->null_latency.tv_nsec) {
+		sqe = ubq_get_sqe(q);
+		if (sqe) {
+			io_uring_prep_timeout(sqe, &q->null_latency, 0, 0);
+			sqe->user_data = UD_TIMER | tag;
+			return;
+		}
+	}
+	ubq_native_commit(q, tag, null_result(iod));
+}
+
+static uint8_t *ubq_data_buf(struct ubq *q, uint16_t tag)
+{
+	return (q->user_copy ? q->tbufs : q->bufs) + (size_t)tag * q->max_io_bytes;
+}
+
+/* Native file: start the backing-file IO for a request; it completes as a UD_TARGET CQE. */
+static void ubq_native_file(struct ubq *q, uint16_t tag, const struct ublksrv_io_desc *iod)
+{
+	unsigned op = iod->op_flags & 0xff;
+	uint64_t off = iod->start_sector << 9;
+	uint32_t len = iod->nr_sectors << 9;
+	uint8_t *buf = ubq_data_buf(q, tag);
+	struct io_uring_sqe *sqe;
+
+	if (op == UBLK_IO_OP_WRITE && q->user_copy) {
+		ssize_t n = pread(q->cdev_fd, buf, len, (off_t)ublk_user_copy_pos(q->q_id, tag));
+		if (n != (ssize_t)len) {
+			ubq_native_commit(q, tag, n < 0 ? -errno : -EIO);
+			return;
+		}
+	}
+	sqe = ubq_get_sqe(q);
+	if (!sqe) {
+		ubq_native_commit(q, tag, -EAGAIN);
+		return;
+	}
+	switch (op) {
+	case UBLK_IO_OP_READ:
+		io_uring_prep_read(sqe, 1, buf, len, off);
+		break;
+	case UBLK_IO_OP_WRITE:
+		io_uring_prep_write(sqe, 1, buf, len, off);
+		if (iod->op_flags & UBLK_IO_F_FUA)
+			sqe->rw_flags = RWF_DSYNC;
+		break;
+	case UBLK_IO_OP_FLUSH:
+		io_uring_prep_fsync(sqe, 1, IORING_FSYNC_DATASYNC);
+		break;
+	case UBLK_IO_OP_DISCARD:
+		io_uring_prep_fallocate(sqe, 1, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+		break;
+	case UBLK_IO_OP_WRITE_ZEROES:
+		io_uring_prep_fallocate(sqe, 1, (iod->op_flags & UBLK_IO_F_NOUNMAP ?
+				FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE) | FALLOC_FL_KEEP_SIZE, off, len);
+		break;
+	default:
+		io_uring_prep_nop(sqe);
+		sqe->user_data = UD_TARGET | tag;
+		q->remote_result[tag] = -EOPNOTSUPP; /* tag is ours until committed: reuse the slot */
+		return;
+	}
+	sqe->flags |= IOSQE_FIXED_FILE;
+	sqe->user_data = UD_TARGET | tag;
+	q->remote_result[tag] = 0;
+}
+
+static void ubq_native_file_done(struct ubq *q, uint16_t tag, int32_t res)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	unsigned op = iod->op_flags & 0xff;
+	uint32_t len = iod->nr_sectors << 9;
+
+	if (q->remote_result[tag] < 0) {
+		res = q->remote_result[tag];
+	} else if (op == UBLK_IO_OP_READ && res >= 0) {
+		uint8_t *buf = ubq_data_buf(q, tag);
+		if ((uint32_t)res < len) { /* past the end of a shorter file reads as zeros */
+			memset(buf + res, 0, len - res);
+			res = (int32_t)len;
+		}
+		if (q->user_copy && pwrite(q->cdev_fd, buf, len, (off_t)ublk_user_copy_pos(q->q_id, tag)) != (ssize_t)len)
+			res = -EIO;
+	}
+	ubq_native_commit(q, tag, res);
 }
 
 /* A request arrived for tag: serve it natively or hand it out.  Returns 1 if handed out. */
@@ -577,6 +724,10 @@ static int ubq_deliver(struct ubq *q, uint16_t tag, struct ubq_req *out)
 	atomic_store(&q->state[tag], TAG_BACKEND);
 	if (q->native == UBQ_NATIVE_NULL) {
 		ubq_native_null(q, tag, iod);
+		return 0;
+	}
+	if (q->native == UBQ_NATIVE_FILE) {
+		ubq_native_file(q, tag, iod);
 		return 0;
 	}
 	out->offset = iod->start_sector << 9;
@@ -606,7 +757,17 @@ static uint32_t ubq_reap(struct ubq *q, struct ubq_req *out, uint32_t max_out)
 				ubq_arm_wake(q);
 			continue;
 		}
-		if (UD_KIND(ud) != UD_IO || tag >= q->depth)
+		if (tag >= q->depth)
+			continue;
+		if (UD_KIND(ud) == UD_TARGET) {
+			ubq_native_file_done(q, tag, cqe->res);
+			continue;
+		}
+		if (UD_KIND(ud) == UD_TIMER) {
+			ubq_native_commit(q, tag, null_result(&q->iods[tag]));
+			continue;
+		}
+		if (UD_KIND(ud) != UD_IO)
 			continue;
 		switch (cqe->res) {
 		case UBLK_IO_RES_OK:

@@ -47,6 +47,7 @@ struct ubq_req {
 /* Native targets: requests that complete inside the core and never reach Python. */
 #define UBQ_NATIVE_NONE 0
 #define UBQ_NATIVE_NULL 1
+#define UBQ_NATIVE_FILE 2
 
 #define UBQ_NR_OPS 6 /* indexed by UBLK_IO_OP_* (READ..WRITE_ZEROES) */
 #define UBQ_LAT_BUCKETS 24 /* log2 microsecond buckets */
@@ -71,6 +72,11 @@ void ubq_close(struct ubq *q);
 /* Owner thread: submit FETCH_REQ for every tag; makes the caller the queue's daemon. */
 int ubq_fetch_all(struct ubq *q);
 int ubq_set_native(struct ubq *q, int kind);
+/* Native null with injected latency (an io_uring timeout per request) and errors: requests whose
+ * op bit is set in error_ops fail with -error. */
+int ubq_set_native_null(struct ubq *q, uint32_t latency_us, uint32_t error_ops, int32_t error);
+/* Native file: serve every request with io_uring on fd (a file or block device), before fetch. */
+int ubq_set_native_file(struct ubq *q, int fd);
 /*
  * Owner thread: commit n_done results (tags[i] -> results[i]), then wait up to timeout_ms for
  * requests and write at most max_out of them to out.  Returns the number written (0 on timeout or
