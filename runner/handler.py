@@ -191,9 +191,12 @@ def _describe(v: Any) -> str:
     return type(v).__name__
 
 
-def _bool_hint(v: Any) -> str:
+def _bool_hint(v: Any, text: bool = False) -> str:
     if isinstance(v, bool):
-        return " (YAML reads yes/no/on/off/true/false as booleans; quote it if you meant text)"
+        q = "; quote it if you meant text" if text else ""
+        return f" (YAML reads yes/no/on/off/true/false as booleans{q})"
+    if text and isinstance(v, (int, float)):
+        return " (quote it to make it a string)"
     return ""
 
 
@@ -299,7 +302,7 @@ class Opt:
         if t is str:
             if isinstance(v, str):
                 return v
-            raise OptionError(f"expected a string, got {_describe(v)}{_bool_hint(v)}")
+            raise OptionError(f"expected a string, got {_describe(v)}{_bool_hint(v, text=True)}")
         if t is Size:
             try:
                 return parse_size(v)
