@@ -38,7 +38,7 @@ import difflib
 import errno as _errno
 import re
 import typing
-from typing import Any, Awaitable, ClassVar, Mapping, Sequence
+from typing import Any, Awaitable, ClassVar, Iterable, Mapping, Sequence
 
 __all__ = [
     "API_VERSION",
@@ -312,14 +312,16 @@ class Opt:
 
     def _check_item(self, t: Any, v: Any) -> Any:
         v = self._convert_scalar(t, v)
-        if self.min is not None and v < self.min:
-            raise OptionError(f"{v!r} is below the minimum {self.min!r}")
-        if self.max is not None and v > self.max:
-            raise OptionError(f"{v!r} is above the maximum {self.max!r}")
+        fmt = format_size if t is Size else repr
+        lo, hi = self.min, self.max
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            if lo is not None and hi is not None:
+                raise OptionError(f"{fmt(v)} is out of range (expected {fmt(lo)}..{fmt(hi)})")
+            if lo is not None:
+                raise OptionError(f"{fmt(v)} is too small (expected at least {fmt(lo)})")
+            raise OptionError(f"{fmt(v)} is too large (expected at most {fmt(hi)})")
         if self.choices is not None and v not in self.choices:
-            raise OptionError(
-                f"{v!r} is not one of {', '.join(repr(c) for c in self.choices)}"
-            )
+            raise OptionError(f"{fmt(v)} is not one of {', '.join(fmt(c) for c in self.choices)}")
         return v
 
     def convert(self, value: Any) -> Any:
@@ -365,6 +367,17 @@ def check_schema(schema: Any) -> list[str]:
     return problems
 
 
+def unknown_key_message(key: Any, known: Iterable[str], what: str = "key") -> str:
+    """``unknown KEY; did you mean 'x'?`` or ``unknown KEY (expected one of ...)``."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+    if close:
+        return f"unknown {what}; did you mean {close[0]!r}?"
+    if not known:
+        return f"unknown {what} (none are accepted here)"
+    return f"unknown {what} (expected one of: {', '.join(known)})"
+
+
 def validate_options(
     schema: Mapping[str, Opt], raw: Any, handler: str = ""
 ) -> tuple[dict[str, Any], list[tuple[tuple, str]]]:
@@ -385,11 +398,7 @@ def validate_options(
         return out, [((), f"expected a mapping of handler options, got {_describe(raw)}")]
     for key, value in raw.items():
         if key not in schema:
-            known = sorted(schema)
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            listing = f"known: {', '.join(known)}" if known else "it takes no options"
-            errors.append(((key,), f"unknown option{who} ({listing}){hint}"))
+            errors.append(((key,), unknown_key_message(key, schema, f"option{who}")))
             continue
         try:
             out[key] = schema[key].convert(value)
