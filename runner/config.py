@@ -443,7 +443,10 @@ class _Validator:
 
         # name / handler
         name = self.field(d, path, "name", Opt(str))
-        if name is None:
+        if name is None and "name" in d:
+            self.err(path + ("name",), "no value (expected a unique device name, e.g. disk0)")
+            ok = False
+        elif name is None:
             self.err(path, "missing required key 'name' (a unique device name, e.g. disk0)")
             ok = False
         elif name is not _INVALID:
@@ -456,7 +459,14 @@ class _Validator:
 
         hname = self.field(d, path, "handler", Opt(str))
         hcls = None
-        if hname is None:
+        if hname is None and "handler" in d:
+            self.err(
+                path + ("handler",),
+                "no value (YAML reads null, ~ and an empty value as nothing; "
+                "for the null handler write handler: \"null\")" + self._known_handlers(),
+            )
+            ok = False
+        elif hname is None:
             self.err(path, "missing required key 'handler'" + self._known_handlers())
             ok = False
         elif hname is _INVALID:
