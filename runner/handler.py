@@ -382,7 +382,7 @@ def validate_options(
     schema: Mapping[str, Opt], raw: Any, handler: str = ""
 ) -> tuple[dict[str, Any], list[tuple[tuple, str]]]:
     """Validate ``raw`` (a device's ``options:`` mapping, or None) against
-    ``schema``.
+    ``schema``. A ``None`` value counts as absent (YAML ``null`` = default).
 
     Returns ``(options, errors)``: ``options`` is a plain dict holding every
     schema key (defaults filled in, absent optional keys as ``None``);
@@ -396,6 +396,7 @@ def validate_options(
         raw = {}
     if not isinstance(raw, Mapping):
         return out, [((), f"expected a mapping of handler options, got {_describe(raw)}")]
+    raw = {k: v for k, v in raw.items() if v is not None}  # null = "use the default"
     for key, value in raw.items():
         if key not in schema:
             errors.append(((key,), unknown_key_message(key, schema, f"option{who}")))
