@@ -71,7 +71,9 @@ __all__ = [
     "GlobalConfig",
     "MetricsConfig",
     "PluginsConfig",
+    "ReloadPlan",
     "device_digest",
+    "reload_plan",
     "load_config",
     "validate",
 ]
@@ -180,6 +182,29 @@ def device_digest(dev: DeviceConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+@dataclasses.dataclass(frozen=True)
+class ReloadPlan:
+    """What a SIGHUP reload must do, by device name."""
+
+    add: tuple[str, ...]  #: only in the new config: start
+    remove: tuple[str, ...]  #: only in the old config: stop
+    change: tuple[str, ...]  #: in both, digest differs: stop + start (or reconfigure)
+    keep: tuple[str, ...]  #: in both, same digest: leave alone
+
+
+def reload_plan(old: Config, new: Config) -> ReloadPlan:
+    """Compare two configs device by device using :func:`device_digest`.
+    Names keep the order of the new config (``remove``: of the old one)."""
+    od = {d.name: device_digest(d) for d in old.devices}
+    nd = {d.name: device_digest(d) for d in new.devices}
+    return ReloadPlan(
+        add=tuple(n for n in nd if n not in od),
+        remove=tuple(n for n in od if n not in nd),
+        change=tuple(n for n in nd if n in od and od[n] != nd[n]),
+        keep=tuple(n for n in nd if n in od and od[n] == nd[n]),
+    )
+
+
 # --------------------------------------------------------------------------
 # YAML with line numbers
 
@@ -206,6 +231,9 @@ class _Marks:
 
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_OCTAL_RE = re.compile(r"^[-+]?0[0-9]+$")
 
 
 class _Builder:
@@ -224,10 +252,21 @@ class _Builder:
         if isinstance(node, ScalarNode):
             self.marks.value[path] = line
             try:
-                return self.ctor.construct_object(node, deep=True)
+                value = self.ctor.construct_object(node, deep=True)
             except yaml.YAMLError as e:
                 self.err(line, path, f"invalid value: {getattr(e, 'problem', None) or e}")
                 return _INVALID
+            if node.style is None and node.tag in (_INT_TAG, _FLOAT_TAG):
+                text = node.value.replace("_", "")
+                if _OCTAL_RE.match(text) or ":" in text:
+                    how = "an octal" if ":" not in text else "a base-60"
+                    self.err(
+                        line, path,
+                        f"{node.value!r} is read by YAML as {how} number ({value}); "
+                        f"write {value} if that is what you mean, or quote it if you meant text",
+                    )
+                    return _INVALID
+            return value
         if isinstance(node, SequenceNode):
             self.marks.value[path] = line
             return [self.build(n, path + (i,)) for i, n in enumerate(node.value)]
@@ -272,6 +311,16 @@ class _Invalid:
 _INVALID: Any = _Invalid()
 
 
+def _has_invalid(v: Any) -> bool:
+    if v is _INVALID:
+        return True
+    if isinstance(v, dict):
+        return any(_has_invalid(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return any(_has_invalid(x) for x in v)
+    return False
+
+
 def _fmt_path(path: tuple) -> str:
     out = ""
     for p in path:
@@ -301,20 +350,20 @@ def _yaml_error(source: str, e: yaml.YAMLError) -> str:
     return f"{source}:{mark.line + 1}: {text} at column {mark.column + 1}"
 
 
-def parse_yaml(text: str, source: str) -> tuple[Any, _Marks]:
-    """Parse one YAML document into plain Python values plus a line map.
-    Raises :class:`ConfigError` for syntax errors and duplicate keys."""
+def parse_yaml(text: str, source: str) -> tuple[Any, _Marks, list[tuple[int, str]]]:
+    """Parse one YAML document into plain Python values, a line map, and
+    value-level problems ``(line, message)`` (duplicate keys, ambiguous
+    numbers; the offending values are left out). Raises
+    :class:`ConfigError` for syntax errors."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         raise ConfigError([_yaml_error(source, e)]) from None
     b = _Builder(source)
     if node is None:
-        return None, b.marks
+        return None, b.marks, []
     data = b.build(node, ())
-    if b.errors:
-        raise ConfigError([m for _, m in sorted(b.errors, key=lambda t: t[0])])
-    return data, b.marks
+    return data, b.marks, b.errors
 
 
 # --------------------------------------------------------------------------
@@ -337,6 +386,8 @@ class _Validator:
     def mapping(self, value: Any, path: tuple, what: str) -> dict | None:
         if value is None:
             return {}
+        if value is _INVALID:
+            return None
         if isinstance(value, dict):
             return value
         self.err(path, f"expected a mapping ({what}), got {_describe(value)}")
@@ -354,8 +405,10 @@ class _Validator:
         """Convert ``d[key]`` with ``opt``; absent or null -> ``default``;
         on error record it and return ``_INVALID``."""
         v = d.get(key)
-        if v is None or v is _INVALID:
-            return default if v is None else _INVALID
+        if v is None:
+            return default
+        if _has_invalid(v):
+            return _INVALID
         try:
             return opt.convert(v)
         except OptionError as e:
@@ -532,7 +585,7 @@ class _Validator:
         # handler options
         raw_opts = d.get("options")
         opts_path = path + ("options",)
-        if raw_opts is _INVALID:
+        if _has_invalid(raw_opts):
             ok = False
         elif hcls is not None:
             opts, errs = validate_options(hcls.options_schema, raw_opts, hname)
@@ -573,6 +626,8 @@ class _Validator:
     def config(self, data: Any) -> Config:
         if data is None:
             data = {}
+        if data is _INVALID:
+            raise self.error()
         if not isinstance(data, dict):
             self.err((), f"the top level must be a mapping with '{GLOBAL_SECTION}:' and 'devices:', got {_describe(data)}")
             raise self.error()
@@ -580,9 +635,9 @@ class _Validator:
         g = self.global_section(data.get(GLOBAL_SECTION))
         raw_devs = data.get("devices")
         devices: list[DeviceConfig] = []
-        if raw_devs is None:
+        if raw_devs is None or raw_devs is _INVALID:
             raw_devs = []
-        if not isinstance(raw_devs, list):
+        if not isinstance(raw_devs, (list, tuple)):
             self.err(("devices",), f"expected a list of devices (each item starting with '- name: ...'), got {_describe(raw_devs)}")
             raw_devs = []
         names: dict[str, int] = {}
@@ -652,5 +707,7 @@ def load_config(path: str | os.PathLike, registry: Any = None) -> Config:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError([f"{source}:{line}: the file is not valid UTF-8"]) from None
-    data, marks = parse_yaml(text, source)
-    return validate(data, source, registry, marks=marks)
+    data, marks, problems = parse_yaml(text, source)
+    v = _Validator(source, marks, registry)
+    v.errors.extend((line, -1, msg) for line, msg in problems)
+    return v.config(data)

@@ -21,6 +21,7 @@ from runner.config import (  # noqa: E402
     GlobalConfig,
     device_digest,
     load_config,
+    reload_plan,
     validate,
 )
 from runner.errors import ConfigError  # noqa: E402
@@ -364,8 +365,8 @@ def test_string_where_int_expected(tmp_path, registry):
 
 
 def test_number_where_string_expected(tmp_path, registry):
-    msg = one_error(tmp_path, registry, "devices:\n  - name: 007\n    handler: file\n    options: {path: /x}\n")
-    assert msg == ":2: devices[0].name: expected a string, got integer 7 (quote it to make it a string)"
+    msg = one_error(tmp_path, registry, "devices:\n  - name: 42\n    handler: file\n    options: {path: /x}\n")
+    assert msg == ":2: devices[0].name: expected a string, got integer 42 (quote it to make it a string)"
 
 
 def test_bool_where_string_expected(tmp_path, registry):
@@ -662,6 +663,46 @@ def test_keys_are_literal_strings(tmp_path, registry):
     assert msg == ":1: on: unknown key (expected one of: devices, runner)"
 
 
+def test_yaml_octal_and_base60_numbers_are_flagged(tmp_path, registry):
+    path, msgs = errors_of(
+        tmp_path,
+        registry,
+        """
+        devices:
+          - name: a
+            handler: "null"
+            size: 1G
+            id: 010
+            depth: 1:30
+            queues: yes
+        """,
+    )
+    assert msgs == [
+        f"{path}:5: devices[0].id: '010' is read by YAML as an octal number (8); write 8 if that is what you mean, or quote it if you meant text",
+        f"{path}:6: devices[0].depth: '1:30' is read by YAML as a base-60 number (90); write 90 if that is what you mean, or quote it if you meant text",
+        f"{path}:7: devices[0].queues: expected an integer, got boolean true (YAML reads yes/no/on/off/true/false as booleans)",
+    ]
+
+
+def test_parse_problems_and_validation_errors_reported_together(tmp_path, registry):
+    path, msgs = errors_of(
+        tmp_path,
+        registry,
+        """
+        devices:
+          - name: a
+            handler: file
+            options: {path: /x, path: /y}
+          - name: b
+            handler: nope
+        """,
+    )
+    assert msgs == [
+        f"{path}:4: devices[0].options.path: duplicate key (first given at line 4)",
+        f"{path}:6: devices[1].handler: unknown handler 'nope' (known handlers: file, null, picky)",
+    ]
+
+
 # ---------------------------------------------------------------------------
 # digests
 
@@ -702,6 +743,12 @@ def test_device_digest_stable_and_sensitive(tmp_path, registry):
     assert da == db
     assert device_digest(c.devices[0]) != da["x"]
     assert len(da["x"]) == 64 and da["x"] != da["y"]
+    plan = reload_plan(a, c)
+    assert (plan.add, plan.remove, plan.change, plan.keep) == ((), ("y",), ("x",), ())
+    plan = reload_plan(a, b)
+    assert (plan.add, plan.remove, plan.change, plan.keep) == ((), (), (), ("y", "x"))
+    plan = reload_plan(Config(), b)
+    assert plan.add == ("y", "x") and plan.keep == ()
 
 
 # ---------------------------------------------------------------------------
