@@ -335,19 +335,19 @@ def _yaml_error(source: str, e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     context = getattr(e, "context", None)
-    hint = ""
-    if "\\t" in problem or "'\\t'" in problem or "\t" in problem:
-        hint = " (YAML does not allow tabs for indentation; use spaces)"
-    text = f"invalid YAML: {problem}{hint}"
+    cm = getattr(e, "context_mark", None)
+    text = "invalid YAML"
+    if mark is not None:
+        text += f" at column {mark.column + 1}"
+    text += f": {problem}"
+    if "\\t" in problem or "\t" in problem:
+        text += " (YAML does not allow tabs for indentation; use spaces)"
     if context:
-        text += f" ({context}"
-        cm = getattr(e, "context_mark", None)
-        if cm is not None and mark is not None and cm.line != mark.line:
-            text += f" at line {cm.line + 1}"
-        text += ")"
+        where = f" that starts at line {cm.line + 1}" if cm is not None and mark is not None and cm.line != mark.line else ""
+        text += f" ({context}{where})"
     if mark is None:
         return f"{source}: {text}"
-    return f"{source}:{mark.line + 1}: {text} at column {mark.column + 1}"
+    return f"{source}:{mark.line + 1}: {text}"
 
 
 def parse_yaml(text: str, source: str) -> tuple[Any, _Marks, list[tuple[int, str]]]:

@@ -22,9 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow plain `pytest` without an install
     sys.path.insert(0, str(ROOT))
 
-from runner import plugins as plugins_mod  # noqa: E402
 from runner.handler import (  # noqa: E402
-    API_VERSION,
     DeviceSpec,
     Handler,
     HandlerContractError,
