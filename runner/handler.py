@@ -520,8 +520,16 @@ class Handler:
     #: when ``can_flush``).
     can_fua: bool = False
 
-    #: Optional batch entry point; see :meth:`_handle_batch_doc`. ``None``
-    #: means "call the per-request methods".
+    #: Optional batch entry point, ``handle_batch(requests)``. ``None``
+    #: (default) means "call the per-request methods". A batch-aware
+    #: handler defines it as a method; the queue thread then passes every
+    #: request fetched in one ring pass as a sequence of request objects
+    #: (their type belongs to the native core, ``runner.ublk``) instead of
+    #: calling read/write/...; the handler gives each request a result before
+    #: returning, or returns an awaitable that does. Such a handler should set
+    #: the ``can_*`` attributes explicitly (the defaults look at the
+    #: per-request methods). Provisional: the request shape may still change
+    #: within API 1.x.
     handle_batch: Any = None
 
     # -- configuration / lifecycle ----------------------------------------
@@ -581,7 +589,10 @@ class Handler:
         do not keep it. ``offset`` and ``len(buf)`` are multiples of
         ``logical_block_size`` and within ``size``.
         Returns ``None`` when done, or an awaitable that finishes the read.
-        Errors: raise (``OSError(errno, ...)`` for a specific errno).
+        Errors: raise (``OSError(errno, ...)`` for a specific errno; anything
+        else is EIO).
+        Thread: a queue thread of the device (see :attr:`thread_model`). May
+        block, which stalls only that queue; or return an awaitable.
         Required (unless :attr:`native_target` is set).
         """
         raise OSError(_errno.EOPNOTSUPP, "read not implemented")
@@ -590,20 +601,33 @@ class Handler:
         """Write ``data`` (a read-only memoryview, valid until the request
         completes) at byte ``offset``. If ``fua`` is true the data must be
         durable when the request completes (only passed as true when
-        :attr:`can_fua`). Returns ``None`` or an awaitable. Never called on
-        read-only devices or when ``can_write`` is false."""
+        :attr:`can_fua`). ``offset``/``len(data)`` are multiples of
+        ``logical_block_size``. Returns ``None`` or an awaitable. Never called
+        on read-only devices or when ``can_write`` is false. Errors as for
+        :meth:`read` (e.g. ``OSError(ENOSPC)``).
+        Thread: a queue thread of the device (see :attr:`thread_model`). May
+        block, which stalls only that queue; or return an awaitable.
+        """
         raise OSError(_errno.EROFS, "handler is read-only")
 
     def flush(self) -> Awaitable[None] | None:
         """Make every completed write durable (the device has a volatile
         write cache when :attr:`can_flush`). Returns ``None`` or an
-        awaitable."""
+        awaitable. Only called when ``can_flush``. Errors as for
+        :meth:`read`.
+        Thread: a queue thread of the device (see :attr:`thread_model`). May
+        block, which stalls only that queue; or return an awaitable.
+        """
         raise OSError(_errno.EOPNOTSUPP, "flush not implemented")
 
     def discard(self, offset: int, length: int) -> Awaitable[None] | None:
         """Hint that ``length`` bytes at ``offset`` are unused (TRIM /
         UNMAP). Afterwards reads may return old data or zeros. Returns
-        ``None`` or an awaitable."""
+        ``None`` or an awaitable. Only called when ``can_discard``. Errors as
+        for :meth:`read`.
+        Thread: a queue thread of the device (see :attr:`thread_model`). May
+        block, which stalls only that queue; or return an awaitable.
+        """
         raise OSError(_errno.EOPNOTSUPP, "discard not implemented")
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> Awaitable[None] | None:
@@ -611,20 +635,11 @@ class Handler:
         ``may_unmap`` the handler may deallocate the range instead of
         writing. Returns ``None`` or an awaitable. Raise
         ``OSError(EOPNOTSUPP)`` to make the runner fall back to writing
-        zero buffers (when ``can_write``)."""
-        raise OSError(_errno.EOPNOTSUPP, "write_zeroes not implemented")
-
-    def _handle_batch_doc(self, requests: Sequence[Any]) -> Awaitable[None] | None:  # pragma: no cover
-        """Documentation of the optional ``handle_batch(requests)`` method.
-
-        A batch-aware handler defines ``handle_batch``; the queue thread then
-        passes every request fetched in one ring pass as a sequence of
-        request objects (type defined by the native core, ``runner.ublk``)
-        instead of calling the per-request methods. The handler must give
-        each request a result before returning, or return an awaitable that
-        does so. This entry point is provisional: its request shape belongs
-        to the core and may change within API 1.x minor versions.
+        zero buffers (when ``can_write``); other errors as for :meth:`read`.
+        Thread: a queue thread of the device (see :attr:`thread_model`). May
+        block, which stalls only that queue; or return an awaitable.
         """
+        raise OSError(_errno.EOPNOTSUPP, "write_zeroes not implemented")
 
 
 # --------------------------------------------------------------------------

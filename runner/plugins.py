@@ -253,9 +253,10 @@ class Plugins:
         if self.pm.has_plugin(ep.name):
             odist, over = self._dist.get(ep.name, (None, None))
             if (odist, over) != (dist, version):
+                owner = f"distribution {odist} {over}" if odist else f"the module loaded as {ep.name!r}"
                 self._fail(
                     ep.name, dist, version, "duplicate",
-                    f"the name is already taken by the plugin from{_dist_label(odist, over) or ' module ' + ep.name}",
+                    f"entry-point name {ep.name!r} is already taken by {owner}",
                 )
             return
         try:
