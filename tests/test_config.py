@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # allow plain `pytest` without an install
     sys.path.insert(0, str(ROOT))
 
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 from runner.config import (  # noqa: E402
     Config,
@@ -774,6 +776,60 @@ def test_parse_size_bad(bad):
         parse_size(bad)
 
 
+@settings(deadline=None)
 @given(st.integers(min_value=0, max_value=1 << 60))
 def test_format_size_round_trips(n):
     assert parse_size(format_size(n)) == n
+
+
+# ---------------------------------------------------------------------------
+# robustness: whatever the input, the only failure is a ConfigError
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False),
+    st.text(max_size=12), st.sampled_from(["1G", "512", "auto", "null", "file", "yes", "4K", "-1", "x" * 70]),
+)
+_keys = st.sampled_from(
+    ["runner", "devices", "name", "handler", "size", "id", "queues", "depth", "block_size",
+     "physical_block_size", "max_io_size", "read_only", "recovery", "request_timeout", "isolate",
+     "user_copy", "options", "path", "direct", "latency_us", "lo", "hi", "metrics", "plugins",
+     "log_level", "log_target", "prometheus_port", "block", "autoload", "bogus"]
+)
+_trees = st.recursive(
+    _scalars,
+    lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(_keys, kids, max_size=6)),
+    max_leaves=25,
+)
+
+
+@FUZZ
+@given(tree=st.dictionaries(st.sampled_from(["runner", "devices", "bogus"]), _trees, max_size=3))
+def test_random_structures_only_raise_config_error(tree, tmp_path_factory):
+    import yaml
+
+    reg = HandlerRegistry()
+    for cls in (FileH, NullH, PickyH):
+        reg.add(cls)
+    p = tmp_path_factory.mktemp("fuzz") / "f.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    try:
+        cfg = load_config(p, reg)
+    except ConfigError as e:
+        assert e.messages and all(m.startswith(str(p)) for m in e.messages)
+    else:
+        for d in cfg.devices:
+            assert len(device_digest(d)) == 64
+
+
+_tokens = st.sampled_from(list("devices:- name{}[]\"'\t\n #&*!<>|1G") + ["runner:", "handler: file", "devices:\n  - ", "<<: *a", "&a "])
+
+
+@FUZZ
+@given(text=st.lists(_tokens, max_size=30).map("".join))
+def test_random_text_only_raises_config_error(text, tmp_path_factory):
+    p = tmp_path_factory.mktemp("fuzz") / "t.yaml"
+    p.write_text(text)
+    try:
+        load_config(p, None)
+    except ConfigError as e:
+        assert e.messages
