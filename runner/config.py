@@ -582,6 +582,10 @@ class _Validator:
             self.err(path + ("max_io_size",), f"{format_size(mio)} is not a multiple of 4K")
             ok = False
 
+        if hcls is not None and hcls.size_required and size is None:
+            self.err(path, f"missing required key 'size' (handler {hname!r} cannot tell the device size by itself; e.g. size: 1G)")
+            ok = False
+
         # handler options
         raw_opts = d.get("options")
         opts_path = path + ("options",)
@@ -592,9 +596,6 @@ class _Validator:
             for sub, msg in errs:
                 self.err(opts_path + sub, msg)
             if errs:
-                ok = False
-            if hcls.size_required and size is None:
-                self.err(path, f"missing required key 'size' (handler {hname!r} cannot tell the device size by itself; e.g. size: 1G)")
                 ok = False
             if ok:
                 try:
