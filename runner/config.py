@@ -694,9 +694,27 @@ def validate(config_dict: Any, source: str = "<config>", registry: Any = None, *
     return _Validator(str(source), marks, registry).config(config_dict)
 
 
-def load_config(path: str | os.PathLike, registry: Any = None) -> Config:
-    """Read, parse and validate a YAML config file. Raises
-    :class:`ConfigError` (with file and line in each message)."""
+def load_global(path: str | os.PathLike) -> GlobalConfig:
+    """Read a config file and validate only its ``runner:`` section.
+
+    For start-up: the ``plugins:`` settings decide which plugins to load, and
+    the devices can only be validated once the plugins have registered
+    their handlers. So: ``g = load_global(p)``; ``plugins =
+    load_plugins(g.plugins.autoload, g.plugins.block, cli_extra)``;
+    ``cfg = load_config(p, plugins.registry)``. Raises
+    :class:`ConfigError` for syntax errors and problems in ``runner:``.
+    """
+    source, text = _read(path)
+    data, marks, problems = parse_yaml(text, source)
+    v = _Validator(source, marks, None)
+    v.errors.extend((line, -1, msg) for line, msg in problems if msg.startswith(f"{source}:{line}: {GLOBAL_SECTION}"))
+    g = v.global_section(data.get(GLOBAL_SECTION) if isinstance(data, dict) else None)
+    if v.errors:
+        raise v.error()
+    return g
+
+
+def _read(path: str | os.PathLike) -> tuple[str, str]:
     source = os.fspath(path)
     try:
         with open(source, "rb") as f:
@@ -708,6 +726,13 @@ def load_config(path: str | os.PathLike, registry: Any = None) -> Config:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError([f"{source}:{line}: the file is not valid UTF-8"]) from None
+    return source, text
+
+
+def load_config(path: str | os.PathLike, registry: Any = None) -> Config:
+    """Read, parse and validate a YAML config file. Raises
+    :class:`ConfigError` (with file and line in each message)."""
+    source, text = _read(path)
     data, marks, problems = parse_yaml(text, source)
     v = _Validator(source, marks, registry)
     v.errors.extend((line, -1, msg) for line, msg in problems)

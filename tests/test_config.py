@@ -22,6 +22,7 @@ from runner.config import (  # noqa: E402
     GlobalConfig,
     device_digest,
     load_config,
+    load_global,
     reload_plan,
     validate,
 )
@@ -703,6 +704,26 @@ def test_parse_problems_and_validation_errors_reported_together(tmp_path, regist
     assert msgs == [
         f"{path}:4: devices[0].options.path: duplicate key (first given at line 4)",
         f"{path}:6: devices[1].handler: unknown handler 'nope' (known handlers: file, null, picky)",
+    ]
+
+
+def test_load_global_ignores_device_problems(tmp_path):
+    p = write(
+        tmp_path,
+        """
+        runner:
+          plugins: {autoload: false, block: [rbd]}
+        devices:
+          - {name: a, handler: not-loaded-yet, size: 1G, id: 010}
+        """,
+    )
+    g = load_global(p)
+    assert g.plugins.autoload is False and g.plugins.block == ("rbd",)
+    with pytest.raises(ConfigError) as ei:
+        load_global(write(tmp_path, "runner:\n  plugins: {autoload: 1}\n  log_level: 010\n", "g.yaml"))
+    assert [m.split(": ", 1)[1] for m in ei.value.messages] == [
+        "runner.plugins.autoload: expected a boolean (true/false), got integer 1",
+        "runner.log_level: '010' is read by YAML as an octal number (8); write 8 if that is what you mean, or quote it if you meant text",
     ]
 
 
