@@ -38,6 +38,11 @@ number is not a string (quote it). Sizes: see :func:`runner.handler.parse_size`.
 
 Every problem is reported as ``FILE:LINE: KEY.PATH: message`` and all of
 them are collected into one :class:`~runner.errors.ConfigError`.
+
+API: :func:`load_config` (file -> :class:`Config`), :func:`validate` (already
+parsed data -> :class:`Config`), :func:`load_global` (only ``runner:``, for
+choosing plugins before devices can be checked), :func:`device_digest` and
+:func:`reload_plan` (SIGHUP: which devices to add, remove, restart, keep).
 """
 
 from __future__ import annotations
