@@ -486,9 +486,17 @@ def test_sample_handler_in_process(monkeypatch):
 
 VENV_SNIPPET = """
 import json
+from runner.config import load_config
 from runner.plugins import load_plugins
 p = load_plugins()
+with open("conf.yaml", "w") as f:
+    f.write("devices:\\n  - {name: m0, handler: sample-mem, size: 1M, options: {fill: 9}}\\n")
+dev = load_config("conf.yaml", p.registry).devices[0]
+h = p.registry[dev.handler].open(dev.options, dev.spec())
+buf = bytearray(4)
+h.read(0, memoryview(buf))
 print(json.dumps({
+    "read": list(buf),
     "plugins": [[i.name, i.distribution, i.version, list(i.handlers)] for i in p.list_plugins()],
     "errors": [str(f) for f in p.errors],
     "sample": p.registry.get("sample-mem").__module__ if "sample-mem" in p.registry else None,
@@ -524,5 +532,6 @@ def test_sample_distribution_installs_into_venv_and_is_found(tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["sample"] == "ublk_sample_handler"
+    assert res["read"] == [9, 9, 9, 9]
     assert ["sample", "ublk-runner-sample-handler", "0.1.0", ["sample-mem"]] in res["plugins"]
     assert not [e for e in res["errors"] if "sample" in e]
