@@ -124,6 +124,7 @@ void *ubq_tag_buffer(struct ubq *q, uint16_t tag);
 int ubq_user_copy(struct ubq *q);
 void ubq_get_stats(struct ubq *q, struct ubq_stats *out);
 int ub_set_io_flusher(void);
+int ub_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
 """
 
 ffibuilder = FFI()

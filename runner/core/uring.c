@@ -263,6 +263,7 @@ struct ubq {
 	int poll_fd;
 
 	/* native targets */
+	int backing_fd;
 	uint8_t *tbufs; /* native file in user-copy mode: per-tag staging buffers */
 	size_t tbufs_len;
 	struct __kernel_timespec null_latency;
@@ -492,6 +493,7 @@ int ubq_set_native_file(struct ubq *q, int fd)
 			return -errno;
 		}
 	}
+	q->backing_fd = fd;
 	q->native = UBQ_NATIVE_FILE;
 	return 0;
 }
@@ -699,6 +701,14 @@ static void ubq_native_file_done(struct ubq *q, uint16_t tag, int32_t res)
 
 	if (q->remote_result[tag] < 0) {
 		res = q->remote_result[tag];
+	} else if (op == UBLK_IO_OP_WRITE_ZEROES && res == -EOPNOTSUPP) {
+		/* tmpfs and others lack ZERO_RANGE: punch the hole, then allocate it again */
+		uint64_t off = iod->start_sector << 9;
+		if (fallocate(q->backing_fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, len) < 0 ||
+		    fallocate(q->backing_fd, FALLOC_FL_KEEP_SIZE, (off_t)off, len) < 0)
+			res = -errno;
+		else
+			res = 0;
 	} else if (op == UBLK_IO_OP_READ && res >= 0) {
 		uint8_t *buf = ubq_data_buf(q, tag);
 		if ((uint32_t)res < len) { /* past the end of a shorter file reads as zeros */
@@ -889,6 +899,11 @@ void ubq_get_stats(struct ubq *q, struct ubq_stats *out)
 {
 	*out = q->st;
 	out->bad_completions = __atomic_load_n(&q->st.bad_completions, __ATOMIC_RELAXED);
+}
+
+int ub_fallocate(int fd, int mode, uint64_t offset, uint64_t length)
+{
+	return fallocate(fd, mode, (off_t)offset, (off_t)length) < 0 ? -errno : 0;
 }
 
 int ub_set_io_flusher(void)

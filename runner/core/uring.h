@@ -96,6 +96,9 @@ void *ubq_tag_buffer(struct ubq *q, uint16_t tag);
 int ubq_user_copy(struct ubq *q);
 void ubq_get_stats(struct ubq *q, struct ubq_stats *out);
 
+/* fallocate(2) with flags (Python's os module has only posix_fallocate). */
+int ub_fallocate(int fd, int mode, uint64_t offset, uint64_t length);
+
 /* Mark the calling thread as one that serves a block device (PR_SET_IO_FLUSHER). */
 int ub_set_io_flusher(void);
 

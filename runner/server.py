@@ -1,0 +1,383 @@
+"""Serve one configured device: open its handler, create the ublk device, run one thread per
+queue that calls the handler's IO methods, and take it all down again.
+
+Request paths, chosen once when the device starts:
+
+- native (``handler.native_target``): the core serves every request; the queue thread only
+  drives the ring and Python never sees a request;
+- sync: the queue thread calls ``read``/``write``/... in place; a method may instead return a
+  ``concurrent.futures.Future`` (or anything with ``add_done_callback``) that its own library
+  resolves later on any thread, and the core hands that completion back to the queue thread;
+- asyncio: when the handler's IO methods are coroutine functions, each queue thread runs an
+  event loop and every request is a task (:func:`runner.aio.serve`).
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import logging
+import mmap
+import threading
+import time
+
+from .handler import Handler, check_instance, errno_of
+from .queue import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Queue,
+                    QueueStopped, Request)
+from .ublk import Device
+
+log = logging.getLogger("ublk_runner.server")
+
+IO_METHODS = ("read", "write", "flush", "discard", "write_zeroes")
+
+
+class DeviceFailed(Exception):
+    """A device could not be started; the message names the device and the cause."""
+
+
+class _Buffers:
+    """Per-tag, page-aligned IO buffers (O_DIRECT-safe), grown on demand; user-copy mode only."""
+
+    def __init__(self, depth: int):
+        self._maps: list[mmap.mmap | None] = [None] * depth
+
+    def get(self, tag: int, length: int) -> memoryview:
+        m = self._maps[tag]
+        if m is None or len(m) < length:
+            m = self._maps[tag] = mmap.mmap(-1, max(length, 4096))
+        return memoryview(m)[:length]
+
+
+class DeviceServer:
+    """One device of the configuration, served by ``handler_cls``."""
+
+    def __init__(self, cfg, handler_cls: type[Handler], plugins=None):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.handler_cls = handler_cls
+        self.plugins = plugins
+        self.handler: Handler | None = None
+        self.device: Device | None = None
+        self.caps: dict = {}
+        self.queues: dict[int, Queue] = {}
+        self.threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+        self.started_at: float | None = None
+        self._lock = threading.Lock()
+        self._serialize: threading.Lock | None = None
+        self.is_async = False
+        self.request_errors = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 30.0) -> None:
+        cfg = self.cfg
+        spec = cfg.spec()
+        try:
+            self.handler = self.handler_cls.open(dict(cfg.options), spec)
+            self.caps = check_instance(self.handler, spec)
+        except Exception as e:
+            self._close_handler()
+            raise DeviceFailed(f"device {self.name!r}: handler {cfg.handler!r} failed to open: {e}") from e
+        h, caps = self.handler, self.caps
+        self.is_async = caps["native_target"] is None and any(
+            inspect.iscoroutinefunction(getattr(h, m, None)) for m in IO_METHODS)
+        if h.thread_model == "serialize" and cfg.queues > 1 and not self.is_async:
+            self._serialize = threading.Lock()
+        user_copy = None if cfg.user_copy == "auto" else bool(cfg.user_copy)
+        discard = caps["can_discard"] or caps["can_write_zeroes"]
+        try:
+            self.device = Device.add(
+                caps["size"], dev_id=cfg.id, queues=cfg.queues, depth=cfg.depth,
+                max_io_bytes=cfg.max_io_size, user_copy=user_copy,
+                recovery=None if cfg.recovery == "none" else cfg.recovery, timeout=timeout,
+                logical_block_size=caps["logical_block_size"],
+                physical_block_size=caps["physical_block_size"],
+                read_only=not caps["can_write"], volatile_cache=caps["can_flush"],
+                fua=caps["can_fua"] and caps["can_flush"],
+                discard_granularity=max(4096, caps["logical_block_size"]) if discard else 0,
+                max_discard_bytes=(1 << 30) if caps["can_discard"] else 0,
+                max_write_zeroes_bytes=(1 << 30) if caps["can_write_zeroes"] else 0,
+            )
+        except Exception as e:
+            self._close_handler()
+            raise DeviceFailed(f"device {self.name!r}: {e}") from e
+        try:
+            ready = []
+            for q_id in range(cfg.queues):
+                ev = threading.Event()
+                t = threading.Thread(target=self._queue_main, args=(q_id, ev), daemon=True,
+                                     name=f"ublk-{self.name}-q{q_id}")
+                t.start()
+                self.threads.append(t)
+                ready.append(ev)
+            for ev in ready:
+                if not ev.wait(timeout):
+                    raise TimeoutError("a queue thread did not come up")
+            if self.errors:
+                raise self.errors[0]
+            self.device.start(timeout)
+        except Exception as e:
+            self._teardown(timeout)
+            raise DeviceFailed(f"device {self.name!r}: starting failed: {e}") from e
+        self.started_at = time.time()
+        log.info("device %s: serving %s (%d bytes, handler %s, %d queue(s), %s)", self.name,
+                 self.device.block_path, caps["size"], cfg.handler, cfg.queues,
+                 "native " + caps["native_target"][0] if caps["native_target"] else
+                 "asyncio" if self.is_async else "threads")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.device is None:
+            return
+        log.info("device %s: stopping %s", self.name, self.device.block_path)
+        self._teardown(timeout)
+
+    def _teardown(self, timeout: float) -> None:
+        dev = self.device
+        try:
+            if dev is not None and dev._started:
+                dev.stop(timeout)
+        except Exception as e:  # noqa: BLE001 - keep tearing down
+            log.error("device %s: STOP_DEV failed: %s", self.name, e)
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                log.error("device %s: %s did not exit; deleting asynchronously", self.name, t.name)
+        try:
+            if dev is not None:
+                dev.delete(max(0.5, deadline - time.monotonic()))
+        except Exception as e:  # noqa: BLE001
+            log.error("device %s: DEL_DEV failed: %s", self.name, e)
+        self._close_handler()
+        self.device = None
+
+    def _close_handler(self) -> None:
+        if self.handler is not None:
+            try:
+                self.handler.close()
+            except Exception as e:  # noqa: BLE001 - the contract says: logged, ignored
+                log.error("device %s: handler close failed: %r", self.name, e)
+            self.handler = None
+
+    # ------------------------------------------------------------------ queue threads
+    def _queue_main(self, q_id: int, ready: threading.Event) -> None:
+        native = self.caps["native_target"]
+        try:
+            q = self.device.open_queue(q_id, native=native[0] if native else None,
+                                       native_options=native[1] if native else None)
+        except BaseException as e:
+            self.errors.append(e)
+            ready.set()
+            return
+        self.queues[q_id] = q
+        try:
+            if self.is_async:
+                asyncio.run(self._serve_async(q, ready))
+            else:
+                ready.set()
+                self._serve_sync(q)
+        except QueueStopped:
+            pass
+        except BaseException as e:  # a bug in the runner: log it, the device dies with it
+            log.exception("device %s queue %d: serving loop failed", self.name, q_id)
+            self.errors.append(e)
+        finally:
+            q.close()
+
+    def _serve_sync(self, q: Queue) -> None:
+        bufs = None if not q.user_copy else _Buffers(q.depth)
+        one = self._one
+        serialize = self._serialize
+        batch = getattr(self.handler, "handle_batch", None)
+        while True:
+            reqs = q.wait(1.0)
+            if not reqs:
+                continue
+            if serialize:
+                serialize.acquire()
+            try:
+                if batch is not None:
+                    self._batch(q, bufs, reqs, batch)
+                else:
+                    for r in reqs:
+                        one(q, bufs, r)
+            finally:
+                if serialize:
+                    serialize.release()
+
+    def _buffer(self, q: Queue, bufs: _Buffers | None, r: Request) -> memoryview:
+        return bufs.get(r.tag, r.length) if bufs is not None else q.buffer(r)
+
+    def _one(self, q: Queue, bufs, r: Request) -> None:
+        """Serve one request in place; the result is committed with the next wait()."""
+        h = self.handler
+        op = r.op_flags & 0xFF
+        try:
+            if op == OP_READ:
+                buf = self._buffer(q, bufs, r)
+                pending = h.read(r.offset, buf)
+                if pending is None:
+                    q.complete(r, r.length, data=buf if bufs is not None else None)
+                else:
+                    self._later(q, r, pending, buf if bufs is not None else None)
+                return
+            if op == OP_WRITE:
+                buf = self._buffer(q, bufs, r)
+                if bufs is not None:
+                    q.read_data(r, buf)
+                fua = r.fua
+                pending = h.write(r.offset, buf.toreadonly(), fua and self.caps["can_fua"])
+                if pending is None and fua and not self.caps["can_fua"]:
+                    pending = h.flush()
+                result = r.length
+            elif op == OP_FLUSH:
+                pending, result = h.flush(), 0
+            elif op == OP_DISCARD:
+                pending, result = h.discard(r.offset, r.length), 0
+            elif op == OP_WRITE_ZEROES:
+                pending, result = self._write_zeroes(q, bufs, r), 0
+            else:
+                q.complete(r, -errno.EOPNOTSUPP)
+                return
+            if pending is None:
+                q.complete(r, result)
+            else:
+                self._later(q, r, pending, None, result)
+        except Exception as e:  # noqa: BLE001 - one failed request, not a failed device
+            self._fail(q, r, e)
+
+    def _write_zeroes(self, q, bufs, r: Request):
+        try:
+            return self.handler.write_zeroes(r.offset, r.length, not r.no_unmap)
+        except OSError as e:
+            if e.errno != errno.EOPNOTSUPP or not self.caps["can_write"]:
+                raise
+        zeros = bytes(min(r.length, 1 << 20))
+        for off in range(0, r.length, len(zeros)):
+            n = min(len(zeros), r.length - off)
+            self.handler.write(r.offset + off, memoryview(zeros)[:n], False)
+        return None
+
+    def _later(self, q: Queue, r: Request, pending, read_buf, result=None) -> None:
+        """The handler returned a future: complete from whichever thread resolves it."""
+        if not hasattr(pending, "add_done_callback"):
+            raise TypeError(f"handler returned {type(pending).__name__}; expected None or a Future "
+                            "(use 'async def' methods for awaitables)")
+
+        def done(fut):
+            try:
+                fut.result()
+                q.complete(r, r.length if result is None else result, data=read_buf)
+            except Exception as e:  # noqa: BLE001
+                self._fail(q, r, e)
+
+        pending.add_done_callback(done)
+
+    def _fail(self, q: Queue, r: Request, e: BaseException) -> None:
+        err = errno_of(e)
+        self.request_errors += 1
+        log.error("device %s queue %d: %s of %d bytes at offset %d failed with %s: %r", self.name,
+                  q.q_id, r.op_name, r.length, r.offset, errno.errorcode.get(err, err), e)
+        q.complete(r, -err)
+
+    def _batch(self, q: Queue, bufs, reqs, batch) -> None:
+        items = []
+        for r in reqs:
+            buf = None
+            if r.op in (OP_READ, OP_WRITE):
+                buf = self._buffer(q, bufs, r)
+                if r.op == OP_WRITE and bufs is not None:
+                    q.read_data(r, buf)
+            items.append(BatchRequest(r, buf))
+        try:
+            batch(items)
+        except Exception as e:  # noqa: BLE001 - the whole batch fails
+            for it in items:
+                if it.result is None:
+                    it.result = e
+        for it in items:
+            r = it.request
+            if isinstance(it.result, BaseException):
+                self._fail(q, r, it.result)
+            elif isinstance(it.result, int) and it.result < 0:
+                q.complete(r, it.result)
+            else:
+                ok = r.length if r.op in (OP_READ, OP_WRITE) else 0
+                q.complete(r, ok, data=it.buf if (r.op == OP_READ and bufs is not None) else None)
+
+    async def _serve_async(self, q: Queue, ready: threading.Event) -> None:
+        bufs = None if not q.user_copy else _Buffers(q.depth)
+        from . import aio
+        h = self.handler
+
+        async def handle(q, r):
+            op = r.op
+            try:
+                if op == OP_READ:
+                    buf = self._buffer(q, bufs, r)
+                    await h.read(r.offset, buf)
+                    q.complete(r, r.length, data=buf if bufs is not None else None)
+                    return
+                if op == OP_WRITE:
+                    buf = self._buffer(q, bufs, r)
+                    if bufs is not None:
+                        q.read_data(r, buf)
+                    await h.write(r.offset, buf.toreadonly(), r.fua and self.caps["can_fua"])
+                    if r.fua and not self.caps["can_fua"]:
+                        await h.flush()
+                    q.complete(r, r.length)
+                    return
+                if op == OP_FLUSH:
+                    await h.flush()
+                elif op == OP_DISCARD:
+                    await h.discard(r.offset, r.length)
+                elif op == OP_WRITE_ZEROES:
+                    await h.write_zeroes(r.offset, r.length, not r.no_unmap)
+                else:
+                    raise OSError(errno.EOPNOTSUPP, "unsupported operation")
+                q.complete(r, 0)
+            except Exception as e:  # noqa: BLE001
+                self._fail(q, r, e)
+
+        ready.set()
+        await aio.serve(q, handle)
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict:
+        per_queue = {q_id: q.stats() for q_id, q in list(self.queues.items()) if not q.closed}
+        total: dict = {"ops": {}, "bytes": {}, "errors": 0, "in_flight": 0}
+        for st in per_queue.values():
+            for k in ("ops", "bytes"):
+                for op, n in st[k].items():
+                    total[k][op] = total[k].get(op, 0) + n
+            total["errors"] += st["errors"]
+            total["in_flight"] += st["in_flight"]
+        return {"device": self.name, "total": total, "queues": per_queue}
+
+    def describe(self) -> dict:
+        dev = self.device
+        return {
+            "name": self.name, "handler": self.cfg.handler,
+            "id": dev.dev_id if dev else None, "block": dev.block_path if dev else None,
+            "state": dev.refresh_info().state if dev else "STOPPED",
+            "size": self.caps.get("size"), "queues": self.cfg.queues, "depth": self.cfg.depth,
+            "mode": ("native-" + self.caps["native_target"][0]) if self.caps.get("native_target")
+            else "asyncio" if self.is_async else "python",
+        }
+
+
+class BatchRequest:
+    """One request as ``handle_batch`` sees it: ``op`` (runner.queue.OP_*), ``offset``,
+    ``length``, ``fua``, ``buf`` (READ: fill it; WRITE: the data), and ``result``: leave None
+    for success, or set a negative errno or an exception."""
+    __slots__ = ("request", "buf", "result")
+
+    def __init__(self, request: Request, buf):
+        self.request = request
+        self.buf = buf
+        self.result = None
+
+    op = property(lambda self: self.request.op)
+    offset = property(lambda self: self.request.offset)
+    length = property(lambda self: self.request.length)
+    fua = property(lambda self: self.request.fua)
