@@ -1,0 +1,79 @@
+"""Start ``ublk-runner run`` as a real process for the device tests, and drive its CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class RunnerProcess:
+    def __init__(self, tmp_path, yaml_text: str, python: str = sys.executable, extra_args=()):
+        self.dir = tmp_path
+        self.config = tmp_path / "runner.yaml"
+        self.socket = str(tmp_path / "control.sock")
+        self.python = python
+        self.write_config(yaml_text)
+        self.stderr_path = tmp_path / "runner.log"
+        self._stderr = open(self.stderr_path, "w")
+        self.proc = subprocess.Popen(
+            [python, "-m", "runner.cli", "run", "-c", str(self.config), "--socket", self.socket,
+             "--log-level", "debug", *extra_args],
+            stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO)
+        self.ready = self._wait_ready(180)
+
+    def write_config(self, yaml_text: str) -> None:
+        self.config.write_text(textwrap.dedent(yaml_text))
+
+    def _wait_ready(self, timeout: float) -> dict:
+        result = {}
+
+        def reader():
+            for line in self.proc.stdout:
+                if line.startswith("{") and '"ready"' in line:
+                    result["ready"] = json.loads(line)
+                    return
+
+        t = threading.Thread(target=reader, daemon=True)
+        t.start()
+        t.join(timeout)
+        if "ready" not in result:
+            self.stop()
+            raise AssertionError(f"runner not ready; log:\n{self.log()}")
+        return result["ready"]
+
+    def log(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_text()
+
+    def cli(self, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
+        p = subprocess.run([self.python, "-m", "runner.cli", *args, *(
+            ["--socket", self.socket] if args and args[0] in ("list", "stats", "add", "del") else [])],
+            capture_output=True, text=True, cwd=REPO, timeout=timeout)
+        if check and p.returncode != 0:
+            raise AssertionError(f"ublk-runner {' '.join(args)} failed: {p.stderr}\nrunner log:\n{self.log()}")
+        return p
+
+    def cli_json(self, *args):
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def devices(self) -> dict:
+        return {d["name"]: d for d in self.cli_json("list")["devices"]}
+
+    def stop(self, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+                subprocess.run([sys.executable, "-m", "runner.cli", "cleanup"], cwd=REPO, timeout=60)
+                raise AssertionError(f"runner did not stop on SIGTERM; log:\n{self.log()}")
+        self._stderr.close()
+        return self.proc.returncode

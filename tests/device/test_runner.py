@@ -1,0 +1,216 @@
+import errno
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from runner import ublk
+
+from .runnerproc import REPO, RunnerProcess
+from .test_io import run_fio
+
+pytestmark = pytest.mark.device
+
+
+def sh(*cmd, check=True):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}: {p.stdout}{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ext4_module():
+    subprocess.run(["modprobe", "ext4"], capture_output=True)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    started = []
+
+    def start(yaml_text, **kw):
+        r = RunnerProcess(tmp_path, yaml_text, **kw)
+        started.append(r)
+        return r
+    yield start
+    for r in started:
+        assert r.stop() == 0, r.log()
+
+
+def file_device(name, path, size="128M", queues=1, **opts):
+    opts = "".join(f"\n      {k}: {v}" for k, v in opts.items())
+    return f"""
+  - name: {name}
+    handler: file
+    size: {size}
+    queues: {queues}
+    options:
+      path: {path}{opts}"""
+
+
+def _read(path, offset, length):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)
+        n = os.preadv(fd, [buf], offset)
+        return buf[:n]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode,direct", [("native", "false"), ("native", "true"), ("python", "false")])
+def test_ext4_on_a_file_device(runner, tmp_path, mode, direct):
+    r = runner("devices:" + file_device("disk", tmp_path / "disk.img", "192M", mode=mode, direct=direct))
+    dev = r.devices()["disk"]["block"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    tree = os.path.join(REPO, "runner")
+    sh("mkfs.ext4", "-q", dev)
+    sh("mount", dev, str(mnt))
+    try:
+        shutil.copytree(tree, mnt / "tree", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    finally:
+        sh("umount", str(mnt))
+    assert sh("fsck.ext4", "-f", "-n", dev).returncode == 0
+    sh("mount", dev, str(mnt))
+    try:
+        assert sh("diff", "-r", "-x", "*.so", "-x", "__pycache__", tree, str(mnt / "tree")).returncode == 0
+    finally:
+        sh("umount", str(mnt))
+    st = r.cli_json("stats", "disk")["disk"]["total"]
+    assert st["errors"] == 0 and st["ops"]["write"] > 0
+
+
+@pytest.mark.parametrize("mode", ["native", "python"])
+def test_fio_verify_on_a_file_device_with_2_queues(runner, tmp_path, fio, mode):
+    r = runner("devices:" + file_device("disk", tmp_path / "d.img", "64M", queues=2, mode=mode))
+    run_fio(fio, r.devices()["disk"]["block"])
+    # what fio wrote is in the backing file: read it back through the device and compare
+    img = (tmp_path / "d.img").read_bytes()[:1 << 20]
+    assert _read(r.devices()["disk"]["block"], 0, 1 << 20) == img
+
+
+def test_sighup_adds_removes_and_keeps_devices(runner, tmp_path):
+    a, b, c = (file_device(n, tmp_path / f"{n}.img", "32M") for n in "abc")
+    r = runner("devices:" + a + b)
+    before = r.devices()
+    r.write_config("devices:" + b + c)
+    r.proc.send_signal(1)  # SIGHUP
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = r.devices()
+        if set(now) == {"b", "c"}:
+            break
+        time.sleep(0.2)
+    now = r.devices()
+    assert set(now) == {"b", "c"}, r.log()
+    assert now["b"]["id"] == before["b"]["id"]          # untouched
+    kernel_ids = {d["id"] for d in r.cli_json("kernel-list") if d["ours"]}
+    assert kernel_ids == {now["b"]["id"], now["c"]["id"]}  # a was removed
+    assert _read(now["c"]["block"], 0, 4096) == bytes(4096)
+
+
+def test_list_json_matches_the_kernel(runner, tmp_path):
+    r = runner("devices:" + file_device("x", tmp_path / "x.img", "16M") + """
+  - name: n
+    handler: "null"
+    size: 1G
+    queues: 2""")
+    ours = r.devices()
+    kernel = {d["id"]: d for d in r.cli_json("kernel-list")}
+    for d in ours.values():
+        k = kernel[d["id"]]
+        assert k["state"] == d["state"] == "LIVE"
+        assert k["queues"] == d["queues"] and k["block"] == d["block"] and k["ours"]
+
+
+def test_a_raising_handler_fails_the_request_not_the_runner(runner, tmp_path):
+    r = runner("""
+devices:
+  - name: bad
+    handler: faulty
+    size: 16M
+    options: {bad_offset: 1048576}
+  - name: good
+    handler: "null"
+    size: 16M
+""", extra_args=("--plugin", "tests.device.faulty_plugin"))
+    devs = r.devices()
+    with pytest.raises(OSError) as ei:
+        _read(devs["bad"]["block"], 1 << 20, 4096)
+    assert ei.value.errno == errno.EIO
+    assert _read(devs["bad"]["block"], 0, 4096) == bytes(4096)   # the same device still serves
+    assert len(_read(devs["good"]["block"], 0, 4096)) == 4096    # and so do the others
+    assert "simulated backend failure" in r.log() and "device bad" in r.log()
+    assert r.proc.poll() is None
+
+
+def test_a_device_that_cannot_start_does_not_stop_the_others(runner, tmp_path):
+    r = runner("devices:" + file_device("broken", "/nonexistent/dir/x.img", "16M")
+               + file_device("fine", tmp_path / "f.img", "16M"))
+    listing = r.cli_json("list")
+    assert "broken" in listing["failed"] and "No such file" in listing["failed"]["broken"]
+    assert [d["name"] for d in listing["devices"]] == ["fine"]
+
+
+def test_control_socket_add_and_del(runner, tmp_path):
+    r = runner("devices: []")
+    out = r.cli_json("add", "extra", "--handler", "file", "--size", "32M", "-o", f"path={tmp_path}/e.img")
+    assert os.path.exists(out["block"])
+    bad = r.cli("add", "x2", "--handler", "file", "--size", "32M", check=False)
+    assert bad.returncode != 0 and "path" in bad.stderr   # missing required option, named
+    r.cli("del", "extra")
+    assert not os.path.exists(out["block"])
+    assert r.devices() == {}
+
+
+def test_null_injects_errors_and_latency(runner):
+    r = runner("""
+devices:
+  - name: n
+    handler: "null"
+    size: 64M
+    options: {fail_ops: [write], error: ENOSPC, latency_us: 2000}
+""")
+    dev = r.devices()["n"]["block"]
+    assert len(_read(dev, 0, 4096)) == 4096
+    fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 4096)
+        with pytest.raises(OSError) as ei:
+            os.pwritev(fd, [buf], 0)
+        assert ei.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def sample_venv(tmp_path) -> str:
+    """A fresh venv with the sample handler pip-installed, layered over the project's env.
+
+    scripts/test builds it on the host before the VM boots (pip under TCG takes minutes) and
+    passes it in UBLK_SAMPLE_VENV; without that the test builds its own."""
+    prebuilt = os.environ.get("UBLK_SAMPLE_VENV")
+    if prebuilt and os.path.exists(os.path.join(prebuilt, "bin", "python")):
+        return os.path.join(prebuilt, "bin", "python")
+    venv = tmp_path / "venv"
+    sh(sys.executable, os.path.join(REPO, "tests", "make_sample_venv.py"), str(venv))
+    return str(venv / "bin" / "python")
+
+
+def test_third_party_handler_installed_with_pip(runner, tmp_path):
+    python = sample_venv(tmp_path)
+    r = runner("""
+devices:
+  - name: s
+    handler: sample-mem
+    size: 16M
+    options: {fill: 171}
+""", python=python)
+    plugins = r.cli_json("plugins")
+    sample = [p for p in plugins if "sample-mem" in (p.get("handlers") or ())]
+    assert sample and sample[0]["distribution"] == "ublk-runner-sample-handler", plugins
+    assert _read(r.devices()["s"]["block"], 8192, 4096) == b"\xab" * 4096
