@@ -28,17 +28,19 @@ and a failing ``up`` kills whatever it had started.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import uuid
 
-BINARIES = ("ceph-mon", "ceph-osd", "ceph-authtool", "monmaptool")
+BINARIES = ("ceph-mon", "ceph-osd", "monmaptool")
 STATE_FILE = "cluster.json"
 POOL = "rbd"
 CLIENT_ID = "ublk"  # a non-admin user with the standard RBD caps
@@ -57,6 +59,25 @@ def missing_binaries() -> list[str]:
         except ImportError:
             missing.append(f"python3-{mod}")
     return missing
+
+
+ADMIN_CAPS = {"mon": "allow *", "osd": "allow *", "mgr": "allow *"}
+
+
+def gen_key() -> str:
+    """A new cephx secret, as `ceph-authtool --gen-print-key` makes it (CryptoKey encoding:
+    le16 type=1 (AES), le32 secs, le32 nsecs, le16 length=16, 16 random bytes; base64)."""
+    now = time.time()
+    raw = struct.pack("<HIIH", 1, int(now), int((now % 1) * 1e9), 16) + os.urandom(16)
+    return base64.b64encode(raw).decode()
+
+
+def _write_keyring(path: str, entity: str, key: str, caps: dict, append: bool = False) -> None:
+    lines = [f"[{entity}]", f"\tkey = {key}"]
+    lines += [f'\tcaps {k} = "{v}"' for k, v in caps.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC), 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def _clean_env() -> dict:
@@ -180,10 +201,12 @@ class Cluster:
                 "memstore device bytes = %d" % self.store_bytes,
                 "memstore page set = true",
                 "memstore page size = 4096",
+                # SIGTERM must unmount the store: that is when memstore saves its RAM to
+                # osd data and so survives a restart. The default fast shutdown just exits.
+                "osd fast shutdown = false",
             ]
         else:
             osd_store += [
-                "bluestore block path = $osd_data/block",
                 "bluestore block create = true",
                 "bluestore block size = %d" % self.store_bytes,
                 "bluestore block db create = false",
@@ -204,7 +227,7 @@ auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
 run dir = {d}/run
-admin socket = {d}/run/$name.$pid.asok
+admin socket = {d}/run/$name.$pid.$cctid.asok
 pid file = {d}/run/$name.pid
 log file = {d}/log/$name.log
 log to stderr = false
@@ -237,6 +260,7 @@ keyring = $osd_data/keyring
 {chr(10).join(osd_store)}
 
 [client]
+err to stderr = false
 rados mon op timeout = 30
 client mount timeout = 30
 
@@ -346,14 +370,15 @@ keyring = {self.client_keyring}
         for p in (mon_kr, self.admin_keyring, self.client_keyring):
             if os.path.exists(p):
                 os.unlink(p)
-        at = "ceph-authtool"
-        self._run([at, "--create-keyring", mon_kr, "--gen-key", "-n", "mon.", "--cap", "mon", "allow *"])
-        self._run([at, "--create-keyring", self.admin_keyring, "--gen-key", "-n", "client.admin",
-                   "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *"])
-        self._run([at, "--create-keyring", self.client_keyring, "--gen-key", "-n", f"client.{CLIENT_ID}",
-                   "--cap", "mon", "profile rbd", "--cap", "osd", f"profile rbd pool={self.pool}"])
-        self._run([at, mon_kr, "--import-keyring", self.admin_keyring])
-        self._run([at, mon_kr, "--import-keyring", self.client_keyring])
+        admin_key, client_key, mon_key = gen_key(), gen_key(), gen_key()
+        _write_keyring(self.admin_keyring, "client.admin", admin_key, ADMIN_CAPS)
+        _write_keyring(self.client_keyring, f"client.{CLIENT_ID}", client_key,
+                       {"mon": "profile rbd", "osd": f"profile rbd pool={self.pool}"})
+        # The monitor keyring seeds the auth database: it holds every initial entity.
+        _write_keyring(mon_kr, "mon.", mon_key, {"mon": "allow *"})
+        _write_keyring(mon_kr, "client.admin", admin_key, ADMIN_CAPS, append=True)
+        _write_keyring(mon_kr, f"client.{CLIENT_ID}", client_key,
+                       {"mon": "profile rbd", "osd": f"profile rbd pool={self.pool}"}, append=True)
         monmap = os.path.join(d, "monmap")
         self._run(["monmaptool", "--create", "--clobber", "--addv", "a", f"[v2:{self.mon_addr}]",
                    "--fsid", self.fsid, monmap])
@@ -365,7 +390,7 @@ keyring = {self.client_keyring}
         self.timings["mon"] = time.monotonic() - t
         try:
             t = time.monotonic()
-            key = self._run([at, "--gen-print-key"]).strip()
+            key = gen_key()
             secrets = json.dumps({"cephx_secret": key}).encode()
             ret, out, err = r.mon_command(json.dumps({"prefix": "osd new", "uuid": self.osd_uuid,
                                                       "id": 0}), secrets, timeout=20)
