@@ -122,6 +122,8 @@ class RbdBackend:
     bytes read (reads only) or None. They run on librbd's completion thread; keep them short.
     """
 
+    CLOSE_ON_ERROR_TIMEOUT = 10.0
+
     def __init__(self, cluster, ioctx, image, spec: str, read_only: bool, io_timeout: float):
         self._cluster = cluster
         self._ioctx = ioctx
@@ -141,6 +143,12 @@ class RbdBackend:
             self._discard_granularity = int(cluster.conf_get("rbd_discard_granularity_bytes"))
         except Exception:
             self._discard_granularity = 0
+        try:
+            cache = cluster.conf_get("rbd_cache").lower() == "true"
+            policy = cluster.conf_get("rbd_cache_policy")
+        except Exception:
+            cache, policy = True, "writearound"
+        self._write_cache = bool(cache and policy in ("writeback", "writearound") and not read_only)
         self._lock = threading.Lock()
         self._inflight = 0
         self._idle = threading.Condition(self._lock)
@@ -303,6 +311,14 @@ class RbdBackend:
         return self._read_only
 
     @property
+    def write_cache(self) -> bool:
+        """True when librbd may complete a write before the OSDs have it (the default:
+        rbd_cache=true, rbd_cache_policy=writearound, after the first flush). The device
+        then has a volatile write cache: flush and FUA must be passed through. Open with
+        options={"rbd_cache": "false"} for write-through."""
+        return self._write_cache
+
+    @property
     def features(self) -> int:
         return self._features
 
@@ -401,10 +417,19 @@ class RbdBackend:
         with self._lock:
             return self._idle.wait_for(lambda: self._inflight == 0, timeout)
 
-    def close(self) -> None:
-        """Close the image (librbd flushes and waits for in-flight IO) and the connection."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` s (None: forever) for in-flight IO, then close the image
+        (librbd flushes its cache and releases the exclusive lock) and the connection.
+
+        If IO is still in flight when the timeout expires (e.g. the OSDs are gone and
+        io_timeout is 0), raise RbdError(EBUSY) and leave everything open: closing would
+        block inside librbd until the cluster answers.
+        """
         if self._closed:
             return
+        if not self.wait_idle(timeout):
+            raise RbdError(f"{self.spec}: {self._inflight} IOs still in flight after "
+                           f"{timeout}s; not closing", _errno.EBUSY)
         self._closed = True
         try:
             self._image.close()
@@ -417,8 +442,15 @@ class RbdBackend:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+            return
+        # Already failing: do not hang on a dead cluster, and do not hide the error.
+        try:
+            self.close(timeout=self.CLOSE_ON_ERROR_TIMEOUT)
+        except RbdError as e:
+            log.warning("%s", e)
 
     def sync(self, timeout: float | None = 60) -> "SyncRbd":
         return SyncRbd(self, timeout)
