@@ -513,7 +513,8 @@ keyring = {self.client_keyring}
         }
 
     # ---- fault injection ---------------------------------------------------
-    def stop_osd(self, mode: str = "auto", wait_down: bool = True) -> None:
+    def stop_osd(self, mode: str = "auto", wait_down: bool = True,
+                 allow_data_loss: bool = False) -> None:
         """Make the OSD go away.
 
         mode "kill": SIGKILL (a crash). Only data-preserving with bluestore.
@@ -521,9 +522,17 @@ keyring = {self.client_keyring}
                      OSD first saves its RAM contents to its data directory (slow for
                      large data sets).
         mode "auto": "kill" for bluestore, "term" for memstore.
+
+        A SIGKILLed memstore OSD comes back empty: its PGs no longer exist and client IO
+        to them waits forever. That needs allow_data_loss=True.
         """
         if mode == "auto":
             mode = "kill" if self.objectstore == "bluestore" else "term"
+        if mode not in ("kill", "term"):
+            raise ValueError(f"bad stop mode {mode!r}")
+        if mode == "kill" and self.objectstore == "memstore" and not allow_data_loss:
+            raise ClusterError("SIGKILL loses all data of a memstore OSD; use mode='term', "
+                               "objectstore='bluestore', or allow_data_loss=True")
         pid = self.pids.get("osd.0")
         if not pid:
             raise ClusterError("osd.0 is not running")
@@ -645,7 +654,7 @@ def main(argv=None) -> int:
     if a.cmd == "down":
         c.down(purge=a.purge)
     elif a.cmd == "stop-osd":
-        c.stop_osd(a.mode)
+        c.stop_osd(a.mode, allow_data_loss=a.mode == "kill")
     elif a.cmd == "start-osd":
         c.start_osd()
         c._procs.clear()
