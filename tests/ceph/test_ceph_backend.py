@@ -421,3 +421,51 @@ def test_osd_crash_restart_bluestore_sigkill(bluestore_rbd_image, bluestore_clus
     """A real crash: SIGKILL of a bluestore-on-a-file OSD, then restart."""
     name = bluestore_rbd_image(16 * MiB)
     _fault_workload(bluestore_cluster, bluestore_rbd_image.open, name, "kill")
+
+
+# ------------------------------------------- namespaces, exclusive lock ----
+
+def test_namespace_roundtrip(ceph_cluster, rbd_image):
+    import rbd
+    r = ceph_cluster.rados()
+    try:
+        ioctx = r.open_ioctx(ceph_cluster.pool)
+        if not rbd.RBD().namespace_exists(ioctx, "tenant1"):
+            rbd.RBD().namespace_create(ioctx, "tenant1")
+        ioctx.set_namespace("tenant1")
+        rbd.RBD().create(ioctx, "nsimg", 8 * MiB, old_format=False)
+        ioctx.close()
+    finally:
+        r.shutdown()
+    with rbd_image.open("nsimg", namespace="tenant1") as b:
+        assert b.spec == "rbd/tenant1/nsimg"
+        b.sync().write(4096, b"n" * 4096)
+        assert b.sync().read(4096, 4096) == b"n" * 4096
+    # the same name outside the namespace does not exist
+    with pytest.raises(RbdError, match="image 'nsimg' does not exist in pool 'rbd'"):
+        rbd_image.open("nsimg")
+
+
+def test_two_clients_exclusive_lock_handoff(rbd_image):
+    """Two writers on one image: librbd passes the exclusive lock back and forth; the
+    object map stays valid (nothing in the backend disables or breaks it)."""
+    import rbd
+    name = rbd_image(16 * MiB)
+    a = rbd_image.open(name)
+    b = rbd_image.open(name)
+    try:
+        sa, sb = a.sync(), b.sync()
+        for i in range(6):
+            w, s = (a, sa) if i % 2 == 0 else (b, sb)
+            s.write(i * MiB, pattern(i, 64 * KiB))
+            s.flush()
+            assert w._image.is_exclusive_lock_owner()
+        for i in range(6):
+            assert sa.read(i * MiB, 64 * KiB) == pattern(i, 64 * KiB)
+            assert sb.read(i * MiB, 64 * KiB) == pattern(i, 64 * KiB)
+        for x in (a, b):
+            assert x.features & rbd.RBD_FEATURE_OBJECT_MAP
+            assert x._image.flags() & rbd.RBD_FLAG_OBJECT_MAP_INVALID == 0
+    finally:
+        a.close()
+        b.close()
