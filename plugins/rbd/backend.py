@@ -193,11 +193,20 @@ class RbdBackend:
 
         rados, rbd = _import_bindings()
         secs = str(int(math.ceil(timeout)))
+        # conf=None: librados' default search ($CEPH_CONF, /etc/ceph/ceph.conf,
+        # ~/.ceph/config, ./ceph.conf), unless the options name the monitors themselves.
+        has_mons = any(k.replace(" ", "_") in ("mon_host", "mon_dns_srv_name")
+                       for k in (options or {}))
+        conffile = conf if conf is not None else (None if has_mons else "")
         try:
-            cluster = rados.Rados(name=name, conffile=conf if conf is not None else "")
+            cluster = rados.Rados(name=name, conffile=conffile)
         except rados.Error as e:
-            raise RbdError(f"cannot read Ceph config {conf or '(default search path)'}: {e}",
-                           _exc_errno(e)) from e
+            if conf is None:
+                msg = ("no Ceph config file found (searched $CEPH_CONF, /etc/ceph/ceph.conf, "
+                       "~/.ceph/config, ./ceph.conf); pass conf= or options={'mon_host': ...}")
+            else:
+                msg = f"cannot parse Ceph config {conf}: {e}"
+            raise RbdError(msg, _exc_errno(e) or _errno.EINVAL) from e
         try:
             try:
                 for k, v in (options or {}).items():
@@ -208,7 +217,8 @@ class RbdBackend:
                 cluster.conf_set("rados_mon_op_timeout", secs)
                 cluster.conf_set("rados_osd_op_timeout", secs)
             except rados.Error as e:
-                raise RbdError(f"bad Ceph option: {e}", _errno.EINVAL) from e
+                raise RbdError(f"bad Ceph option in {sorted(options or {})}: {e}",
+                               _errno.EINVAL) from e
             mon_host = cluster.conf_get("mon_host") or ""
             if not mon_host.strip():
                 raise RbdError(f"no monitors configured: {conf or 'the default Ceph config'} "

@@ -321,6 +321,27 @@ def test_bad_options_rejected_locally(kw, msg):
     assert time.monotonic() - t0 < 1
 
 
+def test_error_bad_config_option(rbd_image):
+    e, dt = _timed_open_error(rbd_image, "img", options={"no_such_option": "1"})
+    assert "bad Ceph option" in str(e) and e.errno == errno.EINVAL and dt < 1
+
+
+def test_error_unparsable_config(rbd_image, tmp_path):
+    p = tmp_path / "broken.conf"
+    p.write_text("[global\nmon host = \x00\n")
+    e, dt = _timed_open_error(rbd_image, "img", conf=str(p))
+    assert "broken.conf" in str(e) and dt < 1
+
+
+def test_mon_host_from_options_without_conf(rbd_image, ceph_cluster):
+    name = rbd_image(4 * MiB)
+    i = ceph_cluster.info()
+    with RbdBackend.open(i["pool"], name, client=i["client"], keyring=i["keyring"],
+                         options={"mon_host": f"[v2:{i['mon_host']}]"}) as b:
+        b.sync().write(0, b"m" * 512)
+        assert b.sync().read(0, 512) == b"m" * 512
+
+
 def test_open_bounded_while_osd_down(rbd_image, ceph_cluster):
     name = rbd_image(4 * MiB)
     ceph_cluster.stop_osd()
