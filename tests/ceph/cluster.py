@@ -436,6 +436,17 @@ keyring = {self.client_keyring}
             self._run(args, timeout=60, what="ceph-osd --mkfs (retry)", log=self.log("osd.0"))
 
     def _connect_until(self, deadline: float):
+        # First wait until the monitor accepts TCP connections (cheap 10 ms polls); a
+        # librados connect started earlier would back off by its hunt interval.
+        while time.monotonic() < deadline:
+            pid = self.pids.get("mon.a")
+            if pid and not _pid_alive(pid):
+                break
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.01)
         last = None
         while time.monotonic() < deadline:
             pid = self.pids.get("mon.a")

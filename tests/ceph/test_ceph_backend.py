@@ -490,3 +490,32 @@ def test_two_clients_exclusive_lock_handoff(rbd_image):
     finally:
         a.close()
         b.close()
+
+
+def test_error_no_caps_for_pool(ceph_cluster, rbd_image):
+    """client.ublk's caps cover pool 'rbd' only: another pool's image is refused clearly."""
+    import rbd
+    r = ceph_cluster.rados()
+    try:
+        if not r.pool_exists("other"):
+            ceph_cluster.mon_command(r, {"prefix": "osd pool create", "pool": "other",
+                                         "pg_num": 8, "pgp_num": 8})
+            ceph_cluster.mon_command(r, {"prefix": "osd pool application enable",
+                                         "pool": "other", "app": "rbd"})
+        ioctx = r.open_ioctx("other")
+        rbd.RBD().create(ioctx, "locked", 4 * MiB, old_format=False)
+        ioctx.close()
+    finally:
+        r.shutdown()
+    i = ceph_cluster.info()
+    t0 = time.monotonic()
+    with pytest.raises(RbdError) as ei:
+        RbdBackend.open("other", "locked", conf=i["conf"], client=i["client"],
+                        keyring=i["keyring"], timeout=10)
+    print(f"\n{ei.value} (errno {ei.value.errno})")
+    assert ei.value.errno in (errno.EPERM, errno.EACCES)
+    assert "caps" in str(ei.value) and time.monotonic() - t0 < 15
+    # the admin client may open it
+    with RbdBackend.open("other", "locked", conf=i["conf"], client="admin",
+                         keyring=i["admin_keyring"]) as b:
+        assert b.size == 4 * MiB
