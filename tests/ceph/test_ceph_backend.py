@@ -519,3 +519,29 @@ def test_error_no_caps_for_pool(ceph_cluster, rbd_image):
     with RbdBackend.open("other", "locked", conf=i["conf"], client="admin",
                          keyring=i["admin_keyring"]) as b:
         assert b.size == 4 * MiB
+
+
+def test_osd_paused_then_resumed(rbd_image, ceph_cluster):
+    """SIGSTOP: the OSD is unresponsive but its connections stay; IO waits, then completes."""
+    name = rbd_image(8 * MiB)
+    with rbd_image.open(name) as b:
+        s = b.sync()
+        base = pattern(5, 1 * MiB)
+        s.write(0, base)
+        s.flush()
+        q = QD(32)
+        ceph_cluster.pause_osd()
+        try:
+            reads = {q.submit(b.aio_read, k * 4096, 4096): k for k in range(0, 256, 16)}
+            fua = q.submit(b.aio_write, 2 * MiB, pattern(6, 4096), fua=True)
+            time.sleep(1.0)
+            with q.lock:
+                assert not q.results, "IO completed while the OSD was stopped"
+        finally:
+            ceph_cluster.resume_osd()
+        q.drain(60)
+        assert all(err == 0 for err, _ in q.results.values())
+        for i, k in reads.items():
+            assert q.results[i][1] == base[k * 4096:(k + 1) * 4096]
+        assert q.results[fua][0] == 0
+        assert s.read(2 * MiB, 4096) == pattern(6, 4096)
