@@ -306,6 +306,7 @@ keyring = {self.client_keyring}
         """A connected admin librados handle (caller shuts it down)."""
         import rados
         keyring = self.admin_keyring if name == "client.admin" else self.client_keyring
+        timeout = max(1, timeout)  # 0 would mean "wait forever" to librados
         r = rados.Rados(conffile=self.conf, name=name,
                         conf={"keyring": keyring,
                               "client_mount_timeout": str(int(timeout)),
@@ -330,20 +331,22 @@ keyring = {self.client_keyring}
     # ---- life cycle --------------------------------------------------------
     def up(self, timeout: float = 60.0, image: str | None = None, image_size: int = 1 << 30) -> dict:
         t0 = time.monotonic()
+        deadline = t0 + timeout  # for all attempts together
         try:
             for attempt in range(3):
                 try:
-                    self._up_once(timeout)
+                    self._up_once(deadline)
                     break
                 except ClusterError as e:
                     # A port taken between probing and binding, or the rare ceph-osd --mkfs
                     # failure, is worth a fresh attempt in a clean directory.
                     self.kill_all()
-                    if attempt == 2:
+                    if attempt == 2 or time.monotonic() > deadline - 5:
                         raise
-                    shutil.copytree(os.path.join(self.dir, "log"),
-                                    os.path.join(self.dir, f"failed-attempt-{attempt}-log"),
-                                    dirs_exist_ok=True)
+                    if os.path.isdir(os.path.join(self.dir, "log")):
+                        shutil.copytree(os.path.join(self.dir, "log"),
+                                        os.path.join(self.dir, f"failed-attempt-{attempt}-log"),
+                                        dirs_exist_ok=True)
                     sys.stderr.write(f"cluster bring-up attempt {attempt + 1} failed, retrying: "
                                      f"{str(e).splitlines()[0]}\n")
             if image:
@@ -354,8 +357,7 @@ keyring = {self.client_keyring}
         self.timings["up"] = time.monotonic() - t0
         return self.info()
 
-    def _up_once(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def _up_once(self, deadline: float) -> None:
         for sub in ("mon.a", "osd.0", "run", "log", "crash"):
             shutil.rmtree(os.path.join(self.dir, sub), ignore_errors=True)
         for sub in ("run", "log", "crash", "osd.0"):
