@@ -649,6 +649,13 @@ def main(argv=None) -> int:
             print(f"missing: {', '.join(miss)}", file=sys.stderr)
             return 2
         os.makedirs(a.dir, exist_ok=True)
+        if os.path.exists(os.path.join(a.dir, STATE_FILE)):
+            old = Cluster.load(a.dir)
+            live = {n: p for n, p in old.pids.items() if _pid_is_ceph(p, old.dir)}
+            if live:
+                print(f"a cluster is already running in {a.dir} ({live}); "
+                      f"run 'down {a.dir}' first", file=sys.stderr)
+                return 1
         c = Cluster(a.dir, a.objectstore, a.store_bytes)
         try:
             info = c.up(timeout=a.timeout, image=a.image, image_size=a.size)
