@@ -545,3 +545,22 @@ def test_osd_paused_then_resumed(rbd_image, ceph_cluster):
             assert q.results[i][1] == base[k * 4096:(k + 1) * 4096]
         assert q.results[fua][0] == 0
         assert s.read(2 * MiB, 4096) == pattern(6, 4096)
+
+
+def test_io_timeout_reports_etimedout(rbd_image, ceph_cluster):
+    """With io_timeout > 0 an IO to an unresponsive OSD fails with ETIMEDOUT in bounded time
+    (the default, 0, waits for the cluster instead)."""
+    name = rbd_image(4 * MiB)
+    with rbd_image.open(name, io_timeout=2) as b:
+        b.sync().write(0, b"t" * 4096)
+        b.sync().flush()
+        ceph_cluster.pause_osd()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(RbdError) as ei:
+                b.sync(timeout=20).read(0, 4096)
+            dt = time.monotonic() - t0
+        finally:
+            ceph_cluster.resume_osd()
+        assert ei.value.errno == errno.ETIMEDOUT and 1.5 < dt < 10, (ei.value, dt)
+        assert b.sync().read(0, 4096) == b"t" * 4096
