@@ -134,7 +134,7 @@ _vm_build_base_locked() {  # $1=kver $2=hash $3=output path
     done || { rm -rf "$tmp"; return 1; }
     (cd "$tmp/root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) \
         >"$tmp/base.cpio" || { rm -rf "$tmp"; return 1; }
-    rm -f "$VM_CACHE"/initramfs/base-*.cpio   # drop stale ones
+    rm -f "$VM_CACHE/initramfs/base-$kver-"*.cpio   # drop stale ones for this kernel
     mv "$tmp/base.cpio" "$out"
     rm -rf "$tmp"
 }
