@@ -8,7 +8,7 @@
 #   .lock                     flock(1) serialising downloads and rebuilds
 
 VM_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
-VM_CACHE=${UBLK_VM_CACHE:-$HOME/.cache/ublk-runner/vm}
+VM_CACHE=${UBLK_VM_CACHE:-${HOME:-$(cd ~ && pwd)}/.cache/ublk-runner/vm}
 # Upstream version glob of the Debian kernel to use: "6.12.*" (newest available) or e.g. "6.12.107".
 VM_KERNEL_GLOB=${UBLK_VM_KERNEL:-6.12.*}
 VM_FLAVOUR=+deb12-amd64
