@@ -33,16 +33,17 @@ _vm_pkg_regex() {
 
 # Print "<package> <version>" of the newest downloadable kernel matching the glob.
 vm_newest_available() {
-    local re pkg ver best="" bestver=""
+    local re pkg ver best="" bestver="" pkgs
     re=$(_vm_pkg_regex)
-    while read -r pkg; do
-        # madison lists only versions that a configured source can deliver
-        ver=$(apt-cache madison "$pkg" 2>/dev/null | awk -F' *[|] *' 'NR==1{print $2}')
+    mapfile -t pkgs < <(apt-cache pkgnames linux-image-6 2>/dev/null | grep -E "$re")
+    [ "${#pkgs[@]}" -gt 0 ] || return 1
+    # madison lists only versions that a configured source can deliver
+    while read -r pkg ver; do
         [ -n "$ver" ] || continue
         if [ -z "$bestver" ] || dpkg --compare-versions "$ver" gt "$bestver"; then
             best=$pkg bestver=$ver
         fi
-    done < <(apt-cache pkgnames linux-image-6 2>/dev/null | grep -E "$re")
+    done < <(apt-cache madison "${pkgs[@]}" 2>/dev/null | awk -F' *[|] *' '{gsub(/ /, "", $1); print $1, $2}')
     [ -n "$best" ] || return 1
     echo "$best $bestver"
 }
