@@ -92,3 +92,27 @@ def test_guest_runs_the_612_kernel(vm_result):
 def test_ublk_control_exists_in_guest(vm_result):
     proc, _ = vm_result
     assert "ublk-control=yes" in proc.stdout.splitlines()
+
+
+def _run_quick(tmp_path, extra_env, *cmd, timeout=120):
+    # TMPDIR: the harness copies the console log of a failed run there.
+    env = dict(os.environ, TMPDIR=str(tmp_path), **extra_env)
+    return subprocess.run(
+        [str(RUN), *cmd], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_vm_ending_without_status_gives_125(tmp_path):
+    # qemu rejects the memory size and exits at once: no boot, no status -> 125 plus console tail.
+    proc = _run_quick(tmp_path, {"UBLK_VM_MEM": "bogus"}, "true")
+    assert proc.returncode == 125
+    assert "without reporting a status" in proc.stderr
+    assert list(tmp_path.glob("ublk-vm-console.*.log"))
+
+
+def test_host_side_timeout_gives_124(tmp_path):
+    # Killed long before the guest kernel reaches /init, so this costs about 2 s.
+    proc = _run_quick(tmp_path, {"UBLK_VM_TIMEOUT": "2"}, "true")
+    assert proc.returncode == 124
+    assert "timed out after 2s" in proc.stderr
