@@ -30,6 +30,15 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(-ret, os.strerror(-ret))
 
 
+def _can_punch(fd: int, size: int) -> bool:
+    """Punching a hole past EOF changes nothing but tells whether the filesystem can."""
+    try:
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, max(size, os.fstat(fd).st_size), 4096)
+    except OSError:
+        return False
+    return True
+
+
 class FileHandler(Handler):
     name = "file"
     API_VERSION = (1, 0)
@@ -84,6 +93,10 @@ class FileHandler(Handler):
         self.size = size
         self.is_block = is_block
         self.can_write = not device.read_only
+        # Filesystems without hole punching (9p, some FUSE) cannot discard or zero ranges cheaply;
+        # not advertising them makes the kernel write zeros itself instead of failing requests.
+        if not is_block and not (self.can_write and _can_punch(fd, size)):
+            self.can_discard = self.can_write_zeroes = False
         if options["mode"] == "native":
             self.native_target = ("file", {"fd": fd})
 
