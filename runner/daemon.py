@@ -194,6 +194,10 @@ class Runner:
         signal.signal(signal.SIGINT, lambda *a: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
         self._start_socket()
+        m = self.config.global_.metrics
+        if m.prometheus_port:
+            from .metrics import start_exporter
+            start_exporter(m.prometheus_port, m.prometheus_addr, lambda: list(self.servers.values()))
         for cfg in self.config.devices:
             if self._stop.is_set():
                 break

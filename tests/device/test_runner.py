@@ -214,3 +214,26 @@ devices:
     sample = [p for p in plugins if "sample-mem" in (p.get("handlers") or ())]
     assert sample and sample[0]["distribution"] == "ublk-runner-sample-handler", plugins
     assert _read(r.devices()["s"]["block"], 8192, 4096) == b"\xab" * 4096
+
+
+def test_prometheus_metrics_come_from_the_core_counters(runner):
+    subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True)
+    r = runner("""
+runner:
+  metrics: {prometheus_port: 19477, prometheus_addr: 127.0.0.1}
+devices:
+  - name: n
+    handler: "null"
+    size: 64M
+""")
+    dev = r.devices()["n"]["block"]
+    for i in range(5):
+        _read(dev, i * 4096, 4096)
+    import urllib.request
+    text = urllib.request.urlopen("http://127.0.0.1:19477/metrics", timeout=30).read().decode()
+    from prometheus_client.parser import text_string_to_metric_families
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    reads = samples[("ublk_requests_total", (("device", "n"), ("op", "read"), ("queue", "0")))]
+    assert reads >= 5
+    assert samples[("ublk_request_latency_seconds_count", (("device", "n"), ("queue", "0")))] >= reads
