@@ -2,11 +2,14 @@
 
 Crash-safety rules (see shared notes, "A correct writer's obligations"):
 
-* allocation: refcount raised and fdatasync'ed before anything points at the
-  cluster; data written and synced before the L2/L1 pointer is written;
-* freeing: the pointer is dropped (and synced) before the refcount is
-  decremented;
-so that a crash at any point can only leak clusters.
+* allocation: refcount raised and data written before anything points at the
+  cluster; pointer (L2/L1) updates are kept *pending* (applied to the cached
+  tables, so lookups see them) and reach the file only in ``_commit()``, after an
+  fdatasync that made the refcounts and data durable ("soft updates");
+* freeing: clusters whose pointer was dropped are decremented only in
+  ``_commit()``, after the pointer change itself was written and synced;
+so that a crash at any point can only leak clusters. ``flush()``, FUA writes,
+``close()`` and a bound on the number of pending updates trigger a commit.
 
 Threading: every metadata access happens under ``self._lock`` (an RLock).
 Reads and in-place writes to clusters that are exclusively owned (COPIED) run
@@ -345,6 +348,11 @@ class Qcow2Image:
         self._inflight = 0
         self._free_hint = 0
         self._write_ready = False
+        self._pend_l1 = {}
+        self._pend_l2 = {}
+        self._pend_free = []
+        self._pend_count = 0
+        self._pend_limit = 4096          # pending updates before a forced commit
         self._zstd = None
         self._dc_key = None
         self._dc_val = None
@@ -430,6 +438,8 @@ class Qcow2Image:
         self.close()
 
     def close(self):
+        if self._fd is not None and not self.readonly and getattr(self, "_write_ready", False):
+            self.flush()
         self._closed = True
         if self._backing is not None:
             self._backing.close()
@@ -494,6 +504,10 @@ class Qcow2Image:
             t = bytearray(os.pread(self._fd, self.cluster_size, off))
             if len(t) != self.cluster_size:
                 raise self._err(f"truncated: L2 table at 0x{off:x}")
+            pend = self._pend_l2.get(off) if not self.readonly else None
+            if pend:
+                for i2, v in pend.items():
+                    _Q.pack_into(t, i2 * 8, v)
             self._l2_cache.put(off, t)
         return t
 
@@ -785,7 +799,7 @@ class Qcow2Image:
             self._ensure_refblock(t, excl)
         for j in range(start, start + n):
             self._set_refcount(j, 1)
-        self._sync()
+        # not synced here: _commit() syncs before any pointer to it is written
         return start << self.cluster_bits
 
     def _ensure_refblock(self, t, excl):
@@ -899,13 +913,49 @@ class Qcow2Image:
         self._write_ready = True
 
     def _l1_set(self, i1, value):
+        """Pending L1 update (visible now, written by _commit)."""
         self._l1[i1] = value
-        self._write(_Q.pack(value), self._l1_off + i1 * 8)
+        self._pend_l1[i1] = value
+        self._pend_count += 1
 
     def _l2_set(self, l2off, i2, value):
+        """Pending L2 update (visible now, written by _commit)."""
         t = self._load_l2(l2off)
         _Q.pack_into(t, i2 * 8, value)
-        self._write(t[i2 * 8:i2 * 8 + 8], l2off + i2 * 8)
+        self._pend_l2.setdefault(l2off, {})[i2] = value
+        self._pend_count += 1
+
+    def _free_later(self, offs):
+        self._pend_free.extend(offs)
+        self._pend_count += len(offs)
+
+    def _commit(self):
+        """Make pending pointer updates durable, then process pending frees. Under lock."""
+        if not (self._pend_l1 or self._pend_l2 or self._pend_free):
+            return False
+        self._sync()                      # refcounts, data and new tables first
+        for l2off, ents in self._pend_l2.items():
+            t = self._load_l2(l2off)
+            if len(ents) > 32:
+                self._write(t, l2off)
+            else:
+                for i2 in sorted(ents):
+                    self._write(t[i2 * 8:i2 * 8 + 8], l2off + i2 * 8)
+        for i1, v in sorted(self._pend_l1.items()):
+            self._write(_Q.pack(v), self._l1_off + i1 * 8)
+        self._pend_l1 = {}
+        self._pend_l2 = {}
+        self._pend_count = 0
+        if self._pend_free:
+            self._sync()                  # pointers dropped durably before decrementing
+            frees, self._pend_free = self._pend_free, []
+            for f in frees:
+                self._decref(f)
+        return True
+
+    def _maybe_commit(self):
+        if self._pend_count >= self._pend_limit:
+            self._commit()
 
     def _l2_for_write(self, i1):
         """Offset of an exclusively owned L2 table for L1 index i1 (allocating/COWing)."""
@@ -916,7 +966,6 @@ class Qcow2Image:
             new = self._alloc(1)
             z = bytearray(cs)
             self._write(z, new)
-            self._sync()
             self._l2_cache.put(new, z)
             self._l1_set(i1, new | COPIED)
             return new
@@ -937,11 +986,9 @@ class Qcow2Image:
         newtbl = bytearray(tbl.tobytes())
         new = self._alloc(1)
         self._write(newtbl, new)
-        self._sync()
         self._l2_cache.put(new, newtbl)
         self._l1_set(i1, new | COPIED)
-        self._sync()
-        self._decref(l2off)
+        self._free_later([l2off])
         return new
 
     def _free_list(self, kind, host, e):
@@ -977,7 +1024,6 @@ class Qcow2Image:
             if plen:
                 buf[patch_intra:patch_intra + plen] = patch
             self._write(buf, host)
-            self._sync()
             self._l2_set(l2off, i2, host | COPIED)
             return host
         # allocate a new cluster with the full guest content
@@ -990,12 +1036,9 @@ class Qcow2Image:
         frees = self._free_list(kind, host, e)
         new = self._alloc(1)
         self._write(buf, new)
-        self._sync()
         self._l2_set(l2off, i2, new | COPIED)
         if frees:
-            self._sync()
-            for f in frees:
-                self._decref(f)
+            self._free_later(frees)
         return new
 
     # ----------------------------------------------------------------- writes
@@ -1048,6 +1091,7 @@ class Qcow2Image:
                     intra = g & self._cmask
                     chunk = min(cs - intra, n - pos)
                     self._make_exclusive(g >> self.cluster_bits, intra, mv[pos:pos + chunk])
+                    self._maybe_commit()
                     pos += chunk
                     continue
                 self._io_enter()
@@ -1089,7 +1133,7 @@ class Qcow2Image:
                     hosts.append(self._make_exclusive(gcl))
                     changed = True
             if changed:
-                self._sync()
+                self._commit()
             for k in range(1, len(hosts)):
                 if hosts[k] != hosts[0] + (k << cb):
                     return None
@@ -1114,10 +1158,12 @@ class Qcow2Image:
             frees = []
             for gcl in range(first_full >> self.cluster_bits, last_full >> self.cluster_bits):
                 self._zero_cluster(gcl, unmap, frees)
-            if frees:
-                self._sync()
-                for f in frees:
-                    self._decref(f)
+                if len(frees) > 256:
+                    self._free_later(frees)
+                    frees = []
+                    self._maybe_commit()
+            self._free_later(frees)
+            self._maybe_commit()
 
     def _write_zero_partial(self, offset, length):
         with self._lock:
@@ -1167,7 +1213,9 @@ class Qcow2Image:
     def flush(self):
         self._check_open()
         if not self.readonly:
-            self._sync()
+            with self._lock:
+                self._commit()
+                self._sync()
 
 
 # ------------------------------------------------------------------ create
