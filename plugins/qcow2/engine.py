@@ -1158,12 +1158,10 @@ class Qcow2Image:
             frees = []
             for gcl in range(first_full >> self.cluster_bits, last_full >> self.cluster_bits):
                 self._zero_cluster(gcl, unmap, frees)
-                if len(frees) > 256:
+                if frees:
                     self._free_later(frees)
                     frees = []
-                    self._maybe_commit()
-            self._free_later(frees)
-            self._maybe_commit()
+                self._maybe_commit()
 
     def _write_zero_partial(self, offset, length):
         with self._lock:

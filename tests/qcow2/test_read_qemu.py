@@ -190,3 +190,20 @@ def test_refcount_widths_read(tmp_path):
         qemu_img("create", "-f", "qcow2", "-o", f"refcount_bits={bits}", img, 2 * MiB)
         qemu_io(img, "write -P 0x5 0 100000")
         assert read_all(img) == to_raw(img, tmp_path / f"r{bits}.raw")
+
+
+def test_zstd_compressed(tmp_path):
+    from ublk_plugins.qcow2 import engine
+    if engine._zstd_decompressor() is None:
+        pytest.skip("no zstd module (zstandard / compression.zstd); see test_damaged for the error")
+    src = tmp_path / "src.raw"
+    rnd = random.Random(2)
+    src.write_bytes(b"".join(bytes([rnd.randrange(3)]) * rnd.randrange(1, 5000)
+                             for _ in range(1500))[:4 * MiB].ljust(4 * MiB, b"\0"))
+    img = tmp_path / "z.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd,cluster_size=4096",
+             src, img)
+    assert read_all(img) == src.read_bytes()
+    with Qcow2Image.open(img) as q:
+        q.write(4096 * 3 + 100, b"hello")
+    qemu_img("check", img)
