@@ -346,6 +346,7 @@ class Qcow2Image:
         self._lock = threading.RLock()
         self._io_cv = threading.Condition(threading.Lock())
         self._inflight = 0
+        self._io_waiters = 0
         self._free_hint = 0
         self._write_ready = False
         self._pend_l1 = {}
@@ -468,13 +469,17 @@ class Qcow2Image:
     def _io_exit(self):
         with self._io_cv:
             self._inflight -= 1
-            if not self._inflight:
+            if self._io_waiters and not self._inflight:
                 self._io_cv.notify_all()
 
     def _io_drain(self):
         with self._io_cv:
             while self._inflight:
-                self._io_cv.wait()
+                self._io_waiters += 1
+                try:
+                    self._io_cv.wait()
+                finally:
+                    self._io_waiters -= 1
 
     def _sync(self):
         os.fdatasync(self._fd)
