@@ -687,14 +687,16 @@ class Qcow2Image:
             return n
         with self._lock:
             ext = self._map_locked(offset, n)
-            has_data = any(x[2] == "data" for x in ext)
-            if has_data:
-                self._io_enter()
             # compressed clusters are read under the lock
             comp = {}
+            has_data = False
             for g, ln, kind, host, e in ext:
                 if kind == "compressed":
                     comp[g] = self._decompress(e)
+                elif kind == "data":
+                    has_data = True
+            if has_data:
+                self._io_enter()
         try:
             fd = self._fd
             for g, ln, kind, host, e in ext:
@@ -1006,8 +1008,9 @@ class Qcow2Image:
     def _make_exclusive(self, gcl, patch_intra=0, patch=None):
         """Make guest cluster gcl an exclusively owned data cluster, applying patch.
 
-        Under the lock. Returns the host offset of the cluster. Follows the
-        allocation order: refcount (synced), data (synced), pointer, then frees.
+        Under the lock. Returns the host offset of the cluster. A new cluster gets
+        its refcount and its full content written now; the L2 pointer and the frees
+        of the old cluster(s) are pending until _commit() (which syncs in between).
         """
         cs = self.cluster_size
         i1, i2 = divmod(gcl, self._l2_entries)
@@ -1139,6 +1142,7 @@ class Qcow2Image:
                     changed = True
             if changed:
                 self._commit()
+                self._sync()
             for k in range(1, len(hosts)):
                 if hosts[k] != hosts[0] + (k << cb):
                     return None
