@@ -664,13 +664,25 @@ class Qcow2Image:
             self._append(out, base + pos, m, kind, host, e)
             pos += m
 
-    def map_range(self, offset, length):
-        """Extents (guest_offset, length, kind, host_offset) covering the range."""
+    def map_range(self, offset, length, pin=False):
+        """Extents (guest_offset, length, kind, host_offset) covering the range.
+
+        kind is 'data' (host_offset valid), 'zero', 'unallocated', 'compressed'
+        or 'backing' (host_offset None). With pin=True the mapping is pinned:
+        no cluster whose refcount drops to 0 is released (and so reused) until
+        the caller calls unpin() -- once, whatever the result.
+        """
         self._check_open()
         self._check_range(offset, length)
         with self._lock:
             ext = self._map_locked(offset, length)
+            if pin:
+                self._io_enter()
         return [(g, n, k, h if k == "data" else None) for g, n, k, h, _e in ext]
+
+    def unpin(self):
+        """End a pin taken by map_range/allocate_for_write(pin=True)."""
+        self._io_exit()
 
     # ------------------------------------------------------------------ reads
 
@@ -1113,40 +1125,49 @@ class Qcow2Image:
             self.flush()
         return n
 
-    def allocate_for_write(self, offset, length):
+    def allocate_for_write(self, offset, length, pin=False):
         """Host offset of a contiguous, exclusively owned data range, or None.
 
         Clusters that are not yet exclusive data are allocated/COWed here with their
         current guest content (so the caller may write any part of the range in
-        place); that metadata is made durable before returning.
+        place); that metadata is made durable before returning. None means the
+        clusters are not host-contiguous: use write(). pin=True: as for map_range.
         """
         self._check_writable()
         self._check_range(offset, length)
         if length == 0:
+            if pin:
+                self._io_enter()
             return None
-        cb = self.cluster_bits
         with self._lock:
-            self._prepare_write()
-            fe = self._fast_extent(offset, length)
-            if fe is not None and fe[1] == length:
-                return fe[0]
-            changed = False
-            hosts = []
-            for gcl in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
-                e, _ = self._entry(gcl)
-                l1e = self._l1[gcl // self._l2_entries]
-                if (e & (COPIED | COMPRESSED | ZERO)) == COPIED and l1e & COPIED:
-                    hosts.append(e & OFFSET_MASK)
-                else:
-                    hosts.append(self._make_exclusive(gcl))
-                    changed = True
-            if changed:
-                self._commit()
-                self._sync()
-            for k in range(1, len(hosts)):
-                if hosts[k] != hosts[0] + (k << cb):
-                    return None
-            return hosts[0] + (offset & self._cmask)
+            r = self._allocate_for_write_locked(offset, length)
+            if pin:
+                self._io_enter()
+            return r
+
+    def _allocate_for_write_locked(self, offset, length):
+        cb = self.cluster_bits
+        self._prepare_write()
+        fe = self._fast_extent(offset, length)
+        if fe is not None and fe[1] == length:
+            return fe[0]
+        changed = False
+        hosts = []
+        for gcl in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
+            e, _ = self._entry(gcl)
+            l1e = self._l1[gcl // self._l2_entries]
+            if (e & (COPIED | COMPRESSED | ZERO)) == COPIED and l1e & COPIED:
+                hosts.append(e & OFFSET_MASK)
+            else:
+                hosts.append(self._make_exclusive(gcl))
+                changed = True
+        if changed:
+            self._commit()
+            self._sync()
+        for k in range(1, len(hosts)):
+            if hosts[k] != hosts[0] + (k << cb):
+                return None
+        return hosts[0] + (offset & self._cmask)
 
     def _zero_range(self, offset, length, unmap):
         self._check_writable()

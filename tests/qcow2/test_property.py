@@ -58,11 +58,11 @@ def make_image(d, spec):
 
 @settings(max_examples=int(os.environ.get("QCOW2_EXAMPLES", "30")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(spec=images, seq=ops)
-def test_random_ops_against_model(spec, seq):
+@given(spec=images, seq=ops, cache=st.sampled_from([0, 8192, 1 << 20]))
+def test_random_ops_against_model(spec, seq, cache):
     with tempfile.TemporaryDirectory() as d:
         img, model = make_image(d, spec)
-        with Qcow2Image.open(img) as q:
+        with Qcow2Image.open(img, cache_bytes=cache) as q:
             for op, off, ln, byte in seq:
                 ln = min(ln, SIZE - off)
                 if op == "write":
