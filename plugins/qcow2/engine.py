@@ -207,7 +207,7 @@ class Qcow2Image:
             if len(head) < _HDR.size + _HDR3.size:
                 raise self._err("truncated: v3 header is incomplete")
             incompat, compat, autoclear, rorder, hlen = _HDR3.unpack_from(head, _HDR.size)
-            if hlen < 104 or hlen > cs or hlen % 8:
+            if hlen < 104 or hlen > cs:
                 raise self._err(f"invalid header_length {hlen}")
         else:
             incompat = compat = autoclear = 0

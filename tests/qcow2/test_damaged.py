@@ -179,3 +179,49 @@ def test_zstd_without_module_is_clear(tmp_path):
     else:
         with Qcow2Image.open(p) as q:
             assert q.read(0, 65536) == b"\x42" * 65536
+
+
+def test_fuzzed_metadata(tmp_path):
+    """Random corruption (mostly of metadata): Qcow2Error or success, nothing else."""
+    src = tmp_path / "src.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", src, "2M")
+    qemu_io(src, "write -c -P 0x11 0 64k", "write -P 0x22 100k 300k", "write -z 600k 64k")
+    qemu_img("snapshot", "-c", "s", src)
+    qemu_io(src, "write -P 0x33 120k 8k")
+    data = src.read_bytes()
+    p = tmp_path / "f.qcow2"
+    errors = 0
+    for it in range(80):
+        rnd = __import__("random").Random(it)
+        b = bytearray(data)
+        for _ in range(rnd.randint(1, 6)):
+            pos = rnd.randrange(0, 4096 * 8) if rnd.random() < 0.7 else rnd.randrange(len(b))
+            r = rnd.random()
+            if r < 0.4:
+                pos = pos // 8 * 8
+                v = rnd.choice([rnd.randrange(1 << 64), rnd.randrange(1 << 24) << 9 | 1 << 63,
+                                rnd.randrange(1 << 20), 1 << 62 | rnd.randrange(1 << 40)])
+                b[pos:pos + 8] = v.to_bytes(8, "big")
+            elif r < 0.7:
+                b[pos] = rnd.randrange(256)
+            else:
+                b[pos] ^= 1 << rnd.randrange(8)
+        p.write_bytes(bytes(b))
+        for ro in (True, False):
+            try:
+                with Qcow2Image.open(p, readonly=ro, cache_bytes=8192) as q:
+                    q.read(0, min(q.size, 4 << 20))
+                    if not ro:
+                        sz = min(q.size, 2 << 20)
+                        for _ in range(10):
+                            o = rnd.randrange(sz)
+                            n = min(rnd.randrange(1, 9000), sz - o)
+                            if rnd.random() < 0.7:
+                                q.write(o, b"x" * n)
+                            else:
+                                q.discard(o, n)
+                        q.flush()
+            except Qcow2Error as e:
+                assert str(p) in str(e)
+                errors += 1
+    assert errors > 10
