@@ -55,3 +55,24 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def lost_blocks(now, model, maybe, nblocks, gran=BLOCK):
+    """Blocks whose content is neither the acknowledged one nor from a later write.
+
+    A later (unacknowledged) write that spans several clusters may be torn at cluster
+    boundaries, so each `gran`-sized piece (gran = min(BLOCK, cluster size)) is checked
+    on its own.
+    """
+    bad = []
+    for b in range(nblocks):
+        cur = now[b * BLOCK:(b + 1) * BLOCK]
+        if cur == model[b] or cur in maybe.get(b, []):
+            continue
+        for p in range(0, BLOCK, gran):
+            piece = cur[p:p + gran]
+            if piece != model[b][p:p + gran] and \
+                    all(piece != m[p:p + gran] for m in maybe.get(b, [])):
+                bad.append(b)
+                break
+    return bad
