@@ -122,7 +122,7 @@ class _RawBacking:
     def __init__(self, path):
         self.path = path
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self.fd).st_size
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)   # also right for block devices
 
     def readinto(self, offset, buf):
         _pread_into(self.fd, memoryview(buf), offset)
@@ -186,7 +186,7 @@ class Qcow2Image:
 
     def _parse(self, cache_bytes, snapshot, chain):
         fd = self._fd
-        self._file_end = os.fstat(fd).st_size
+        self._file_end = os.lseek(fd, 0, os.SEEK_END)   # also right for block devices
         head = os.pread(fd, 4096, 0)
         if len(head) < _HDR.size:
             raise self._err(f"truncated: {len(head)} bytes is shorter than a qcow2 header")
