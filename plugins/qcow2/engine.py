@@ -1047,15 +1047,22 @@ class Qcow2Image:
             self._l2_set(l2off, i2, host | COPIED)
             return host
         # allocate a new cluster with the full guest content
-        if plen == cs:
-            buf = patch
-        else:
-            buf = self._guest_cluster_content(gcl)
-            if plen:
-                buf[patch_intra:patch_intra + plen] = patch
         frees = self._free_list(kind, host, e)
         new = self._alloc(1)
-        self._write(buf, new)
+        if 0 < plen < cs and kind in ("unallocated", "zero") and new >= self._file_end:
+            # a fresh cluster past EOF reads as zeros: extend the file (sparse) and write
+            # only the patch instead of a mostly-zero cluster
+            os.ftruncate(self._fd, new + cs)
+            self._file_end = new + cs
+            self._write(patch, new + patch_intra)
+        else:
+            if plen == cs:
+                buf = patch
+            else:
+                buf = self._guest_cluster_content(gcl)
+                if plen:
+                    buf[patch_intra:patch_intra + plen] = patch
+            self._write(buf, new)
         self._l2_set(l2off, i2, new | COPIED)
         if frees:
             self._free_later(frees)
