@@ -1193,8 +1193,15 @@ class Qcow2Image:
         with self._lock:
             self._prepare_write()
             frees = []
-            for gcl in range(first_full >> self.cluster_bits, last_full >> self.cluster_bits):
+            gcl = first_full >> self.cluster_bits
+            gend = last_full >> self.cluster_bits
+            while gcl < gend:
+                if self._backing is None and not self._l1[gcl // self._l2_entries]:
+                    # no L2 table and no backing file: the whole table's range reads zeros
+                    gcl = (gcl // self._l2_entries + 1) * self._l2_entries
+                    continue
                 self._zero_cluster(gcl, unmap, frees)
+                gcl += 1
                 if frees:
                     self._free_later(frees)
                     frees = []
