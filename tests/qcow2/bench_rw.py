@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import conftest  # noqa: E402,F401  (sets up the ublk_plugins import)
+import qcow2_helpers  # noqa: E402,F401  (sets up the ublk_plugins import)
 from ublk_plugins.qcow2 import Qcow2Image  # noqa: E402
 
 N = int(os.environ.get("BENCH_OPS", "50000"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, check_rc, qemu_img, qemu_io, to_raw
+from qcow2_helpers import ROOT, check_rc, qemu_img, qemu_io, to_raw
 from ublk_plugins.qcow2 import Qcow2Image
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -4,7 +4,7 @@ import struct
 
 import pytest
 
-from conftest import qemu_img, qemu_io
+from qcow2_helpers import qemu_img, qemu_io
 from ublk_plugins.qcow2 import Qcow2Error, Qcow2Image
 
 MiB = 1 << 20

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import check_rc, qemu_img, qemu_io, to_raw
+from qcow2_helpers import check_rc, qemu_img, qemu_io, to_raw
 from ublk_plugins.qcow2 import engine
 from ublk_plugins.qcow2 import Qcow2Image
 

@@ -5,7 +5,7 @@ import tempfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import check_rc, compare_raw, qemu_img, qemu_io
+from qcow2_helpers import check_rc, compare_raw, qemu_img, qemu_io
 from ublk_plugins.qcow2 import Qcow2Image
 
 SIZE = 1 << 20

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import qemu_img, qemu_io, to_raw
+from qcow2_helpers import qemu_img, qemu_io, to_raw
 from ublk_plugins.qcow2 import Qcow2Error, Qcow2Image, create
 
 MiB = 1 << 20

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from conftest import check_rc, compare_raw, info, qemu_img, qemu_io, to_raw
+from qcow2_helpers import check_rc, compare_raw, info, qemu_img, qemu_io, to_raw
 from ublk_plugins.qcow2 import Qcow2Error, Qcow2Image, create
 
 MiB = 1 << 20
