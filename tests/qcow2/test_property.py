@@ -13,7 +13,7 @@ SIZE = 1 << 20
 ops = st.lists(
     st.tuples(
         st.sampled_from(["write", "write", "write", "discard", "zero", "zero_unmap", "flush",
-                         "read"]),
+                         "read", "native_write", "map"]),
         st.integers(0, SIZE - 1),
         st.integers(1, 40000),
         st.integers(0, 255),
@@ -62,6 +62,7 @@ def make_image(d, spec):
 def test_random_ops_against_model(spec, seq, cache):
     with tempfile.TemporaryDirectory() as d:
         img, model = make_image(d, spec)
+        fd = os.open(img, os.O_RDWR)
         with Qcow2Image.open(img, cache_bytes=cache) as q:
             for op, off, ln, byte in seq:
                 ln = min(ln, SIZE - off)
@@ -77,9 +78,30 @@ def test_random_ops_against_model(spec, seq, cache):
                     model[off:off + ln] = bytes(ln)
                 elif op == "flush":
                     q.flush()
+                elif op == "native_write":
+                    # what the native core will do: write at the host offset it was given
+                    cs = q.cluster_size
+                    ln = min(ln, cs - off % cs)          # one cluster, like chunk_sectors
+                    data = bytes([byte]) * ln
+                    h = q.allocate_for_write(off, ln, pin=True)
+                    try:
+                        if h is None:
+                            q.write(off, data)
+                        else:
+                            os.pwrite(fd, data, h)
+                    finally:
+                        q.unpin()
+                    model[off:off + ln] = data
+                elif op == "map":
+                    for g, n, kind, host in q.map_range(off, ln):
+                        if kind == "data":
+                            assert os.pread(fd, n, host) == bytes(model[g:g + n])
+                        elif kind in ("zero", "unallocated"):
+                            assert not any(model[g:g + n])
                 else:
                     assert q.read(off, ln) == bytes(model[off:off + ln])
             assert q.read(0, SIZE) == bytes(model)
+        os.close(fd)
         raw = os.path.join(d, "model.raw")
         with open(raw, "wb") as f:
             f.write(model)
