@@ -417,8 +417,11 @@ class Qcow2Image:
             raise self._err(f"backing file {bpath} not found")
         fmt = self.backing_format
         if fmt is None:
-            with open(bpath, "rb") as f:
-                fmt = "qcow2" if f.read(4) == MAGIC else "raw"
+            try:
+                with open(bpath, "rb") as f:
+                    fmt = "qcow2" if f.read(4) == MAGIC else "raw"
+            except OSError as e:
+                raise self._err(f"cannot probe backing file {bpath}: {e.strerror}") from e
         if fmt == "qcow2":
             self._backing = Qcow2Image.open(bpath, readonly=True, cache_bytes=cache_bytes,
                                             _chain=chain)
@@ -439,15 +442,19 @@ class Qcow2Image:
         self.close()
 
     def close(self):
-        if self._fd is not None and not self.readonly and getattr(self, "_write_ready", False):
-            self.flush()
-        self._closed = True
-        if self._backing is not None:
-            self._backing.close()
-            self._backing = None
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Flush (if anything was written) and close; fds are closed even if that fails."""
+        try:
+            if self._fd is not None and not self.readonly and getattr(self, "_write_ready",
+                                                                      False):
+                self.flush()
+        finally:
+            self._closed = True
+            if self._backing is not None:
+                self._backing.close()
+                self._backing = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def _check_open(self):
         if self._fd is None:
