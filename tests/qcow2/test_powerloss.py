@@ -20,6 +20,7 @@ from crash_workload import BLOCK, block_content, lost_blocks, ops_for_generation
 SIZE = 4 << 20
 GENS = int(os.environ.get("QCOW2_PL_GENS", "12"))
 POINTS = int(os.environ.get("QCOW2_PL_POINTS", "12"))
+PEND_LIMIT = os.environ.get("QCOW2_PL_PEND_LIMIT")   # small values force commits mid-op
 
 
 def make(tmp, variant):
@@ -64,6 +65,8 @@ def test_power_loss_orderings(tmp_path, variant, monkeypatch):
             log.append(("s",))
 
         q._sync = logged_sync
+        # half of the variants commit after every 3 pending updates (mid-operation)
+        q._pend_limit = int(PEND_LIMIT) if PEND_LIMIT else (3 if seed % 2 else 4096)
         for gen in range(GENS):
             for kind, b, n, i in ops_for_generation(seed, gen, nblocks):
                 off = b * BLOCK

@@ -58,12 +58,14 @@ def make_image(d, spec):
 
 @settings(max_examples=int(os.environ.get("QCOW2_EXAMPLES", "30")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(spec=images, seq=ops, cache=st.sampled_from([0, 8192, 1 << 20]))
-def test_random_ops_against_model(spec, seq, cache):
+@given(spec=images, seq=ops, cache=st.sampled_from([0, 8192, 1 << 20]),
+       pend_limit=st.sampled_from([1, 3, 4096]))
+def test_random_ops_against_model(spec, seq, cache, pend_limit):
     with tempfile.TemporaryDirectory() as d:
         img, model = make_image(d, spec)
         fd = os.open(img, os.O_RDWR)
         with Qcow2Image.open(img, cache_bytes=cache) as q:
+            q._pend_limit = pend_limit      # force commits in the middle of operations
             for op, off, ln, byte in seq:
                 ln = min(ln, SIZE - off)
                 if op == "write":
