@@ -133,6 +133,52 @@ class _RawBacking:
             self.fd = None
 
 
+# QEMU-compatible image locking (file-posix): byte 100+i = "holds permission i",
+# byte 200+i = "does not share permission i"; i: 0 consistent read, 1 write.
+# Readers hold read and refuse to share write; writers also hold write.
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+_FLOCK = struct.Struct("hhxxxxqqi4x")     # struct flock (Linux, 64-bit)
+
+
+def _ofd_lock(fd, cmd, ltype, byte):
+    import fcntl
+    arg = _FLOCK.pack(ltype, os.SEEK_SET, byte, 1, 0)
+    return _FLOCK.unpack(fcntl.fcntl(fd, cmd, arg))
+
+
+def _take_image_locks(fd, writable):
+    """Returns None, or a message naming the conflict. Silently does nothing where OFD
+    locks are unavailable."""
+    try:
+        import fcntl
+        getlk, setlk, rd, wr = fcntl.F_OFD_GETLK, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, \
+            fcntl.F_WRLCK
+    except (ImportError, AttributeError):
+        return None
+    if _FLOCK.size != 32:
+        return None
+    held = [_LOCK_PERM_BASE + 0, _LOCK_SHARED_BASE + 1]
+    if writable:
+        held.append(_LOCK_PERM_BASE + 1)
+    try:
+        for b in held:
+            _ofd_lock(fd, setlk, rd, b)
+        # nobody else may write while we hold the image; nobody may refuse our writes
+        checks = [(_LOCK_PERM_BASE + 1, "another process has it open for writing")]
+        if writable:
+            checks.append((_LOCK_SHARED_BASE + 1, "another process holds it and does not "
+                                                  "share write access"))
+        for b, why in checks:
+            if _ofd_lock(fd, getlk, wr, b)[0] != fcntl.F_UNLCK:
+                return why
+    except OSError as e:
+        if e.errno in (11, 13):      # EAGAIN / EACCES: a conflicting lock
+            return "another process holds a conflicting image lock"
+        return None                  # locks unsupported here (e.g. some network fs)
+    return None
+
+
 def _zstd_decompressor():
     try:
         import zstandard  # type: ignore
@@ -159,7 +205,8 @@ class Qcow2Image:
 
     @classmethod
     def open(cls, path, readonly=False, cache_bytes=DEFAULT_CACHE_BYTES, snapshot=None,
-             _chain=None):
+             lock=True, _chain=None):
+        """Open an image. lock=False skips QEMU-compatible OFD image locks."""
         self = cls.__new__(cls)
         self._fd = None
         self._backing = None
@@ -175,7 +222,11 @@ class Qcow2Image:
         except OSError as e:
             raise Qcow2Error(f"{self.path}: cannot open: {e.strerror}") from e
         try:
-            self._parse(cache_bytes, snapshot, chain)
+            if lock:
+                why = _take_image_locks(self._fd, not self.readonly)
+                if why:
+                    raise self._err(f"image is locked: {why} (QEMU-compatible lock)")
+            self._parse(cache_bytes, snapshot, chain, lock)
         except BaseException:
             self.close()
             raise
@@ -184,7 +235,7 @@ class Qcow2Image:
     def _err(self, msg):
         return Qcow2Error(f"{self.path}: {msg}")
 
-    def _parse(self, cache_bytes, snapshot, chain):
+    def _parse(self, cache_bytes, snapshot, chain, lock=True):
         fd = self._fd
         self._file_end = os.lseek(fd, 0, os.SEEK_END)   # also right for block devices
         head = os.pread(fd, 4096, 0)
@@ -360,7 +411,7 @@ class Qcow2Image:
 
         # backing chain
         if self.backing_file is not None:
-            self._open_backing(cache_bytes, chain)
+            self._open_backing(cache_bytes, chain, lock)
 
     def _check_table(self, what, off, length):
         if length == 0:
@@ -401,7 +452,7 @@ class Qcow2Image:
             if pos - off > 64 << 20:
                 raise self._err("snapshot table too large")
 
-    def _open_backing(self, cache_bytes, chain):
+    def _open_backing(self, cache_bytes, chain, lock):
         name = self.backing_file
         if name.startswith("json:") or "://" in name:
             raise self._err(f"backing file {name!r} uses an unsupported protocol")
@@ -424,12 +475,15 @@ class Qcow2Image:
                 raise self._err(f"cannot probe backing file {bpath}: {e.strerror}") from e
         if fmt == "qcow2":
             self._backing = Qcow2Image.open(bpath, readonly=True, cache_bytes=cache_bytes,
-                                            _chain=chain)
+                                            lock=lock, _chain=chain)
         elif fmt == "raw":
             try:
                 self._backing = _RawBacking(bpath)
             except OSError as e:
                 raise self._err(f"cannot open backing file {bpath}: {e.strerror}") from e
+            why = _take_image_locks(self._backing.fd, False) if lock else None
+            if why:
+                raise self._err(f"backing file {bpath} is locked: {why}")
         else:
             raise self._err(f"unsupported backing format {fmt!r}")
 

@@ -47,8 +47,8 @@ def qemu_io(img, *cmds, fmt="qcow2"):
     return p
 
 
-def to_raw(img, out, snapshot=None):
-    args = ["convert", "-O", "raw"]
+def to_raw(img, out, snapshot=None, force_share=False):
+    args = ["convert", "-O", "raw"] + (["-U"] if force_share else [])
     if snapshot is not None:
         args += ["-l", f"snapshot.name={snapshot}"]
     qemu_img(*args, img, out)

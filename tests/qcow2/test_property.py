@@ -56,7 +56,7 @@ def make_image(d, spec):
     return img, model
 
 
-@settings(max_examples=int(os.environ.get("QCOW2_EXAMPLES", "30")), deadline=None,
+@settings(max_examples=int(os.environ.get("QCOW2_EXAMPLES", "25")), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(spec=images, seq=ops, cache=st.sampled_from([0, 8192, 1 << 20]),
        pend_limit=st.sampled_from([1, 3, 4096]))

@@ -330,11 +330,58 @@ def test_flush_publishes_while_open(tmp_path):
     with Qcow2Image.open(img) as q:
         q.write(100000, b"abc" * 10000)
         q.flush()
-        raw = to_raw(img, tmp_path / "f.raw")
+        raw = to_raw(img, tmp_path / "f.raw", force_share=True)
         assert raw[100000:130000] == b"abc" * 10000
         q.write(500000, b"d" * 1000, fua=True)
-        assert to_raw(img, tmp_path / "f2.raw")[500000:501000] == b"d" * 1000
-        assert check_rc(img)[0] == 0
+        assert to_raw(img, tmp_path / "f2.raw", force_share=True)[500000:501000] == b"d" * 1000
+    assert check_rc(img)[0] == 0
+
+
+def test_qemu_compatible_image_locks(tmp_path):
+    import subprocess
+    img = tmp_path / "k.qcow2"
+    qemu_img("create", "-f", "qcow2", img, "1M")
+    with Qcow2Image.open(img) as q:
+        q.write(0, b"x")
+        r = qemu_img("info", img, check=False)
+        assert r.returncode != 0 and "lock" in r.stdout + r.stderr
+        qemu_img("info", "-U", img)                       # force-share still works
+        with pytest.raises(Qcow2Error, match="locked"):
+            Qcow2Image.open(img)
+        with pytest.raises(Qcow2Error, match="locked"):
+            Qcow2Image.open(img, readonly=True)
+        Qcow2Image.open(img, lock=False).close()
+    # a qemu-io that keeps the image open for writing keeps us out
+    p = subprocess.Popen(["qemu-io", "-f", "qcow2", str(img)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(100):
+            try:
+                Qcow2Image.open(img, readonly=True).close()
+            except Qcow2Error as e:
+                assert "locked" in str(e)
+                break
+            import time
+            time.sleep(0.05)
+        else:
+            pytest.fail("qemu-io's lock was not seen")
+    finally:
+        p.communicate(b"quit\n", timeout=10)
+    with Qcow2Image.open(img) as q:      # free again
+        assert q.read(0, 1) == b"x"
+    # readers share: two read-only opens and a base image used by two overlays
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-f", "qcow2", base, "1M")
+    for n in ("o1", "o2"):
+        qemu_img("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+                 tmp_path / f"{n}.qcow2", "1M")
+    with Qcow2Image.open(tmp_path / "o1.qcow2") as a, Qcow2Image.open(tmp_path / "o2.qcow2") as b:
+        a.write(0, b"a")
+        b.write(0, b"b")
+        with Qcow2Image.open(base, readonly=True) as c:
+            assert c.read(0, 1) == b"\0"
+        with pytest.raises(Qcow2Error, match="locked"):
+            Qcow2Image.open(base)        # nobody may write a base that is in use
 
 
 def test_lazy_refcounts_image_clean(tmp_path):
