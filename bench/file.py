@@ -13,7 +13,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import FIO_CPU, SERVER_CPU, fio, table  # noqa: E402
+from common import SERVER_CPU, fio, table  # noqa: E402
 
 from runner.config import DeviceConfig  # noqa: E402
 from runner.plugins import load_plugins  # noqa: E402
@@ -37,20 +37,22 @@ def served(plugins, path, size, mode, runtime, user_copy="auto"):
         srv.stop()
 
 
-def nbd(args, path, runtime):
-    sock = "/run/nbdkit-bench.sock"
+def nbd(args, path, runtime, nbd_dev):
+    sock = f"/run/nbdkit-bench-{os.path.basename(nbd_dev)}.sock"
     proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), "nbdkit", "-f", "-U", sock, "--exit-with-parent", *args(path)])
     try:
         for _ in range(300):
             if os.path.exists(sock):
                 break
             time.sleep(0.1)
-        subprocess.run(["nbd-client", "-unix", sock, "/dev/nbd0", "-N", "", "-b", "4096"], check=True,
-                       capture_output=True, timeout=60)
+        p = subprocess.run(["nbd-client", "-unix", sock, nbd_dev, "-b", "4096"], capture_output=True,
+                           text=True, timeout=60)
+        if p.returncode:
+            raise RuntimeError(f"nbd-client {nbd_dev}: {p.stdout}{p.stderr}")
         try:
-            return both("/dev/nbd0", runtime)
+            return both(nbd_dev, runtime)
         finally:
-            subprocess.run(["nbd-client", "-d", "/dev/nbd0"], capture_output=True, timeout=60)
+            subprocess.run(["nbd-client", "-d", nbd_dev], capture_output=True, timeout=60)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -80,9 +82,11 @@ def main():
     rows["ublk-runner file, native, buffer mode"] = served(plugins, path, args.size, "native", args.runtime, user_copy=False)
     rows["ublk-runner file, Python mode"] = served(plugins, path, args.size, "python", args.runtime)
     if shutil.which("nbdkit") and os.path.exists("/dev/nbd0"):
-        rows["nbdkit file plugin (C) over nbd"] = nbd(lambda p: ["file", f"file={p}"], path, args.runtime)
+        rows["nbdkit file plugin (C) over nbd"] = nbd(lambda p: ["file", f"file={p}"], path, args.runtime,
+                                                      "/dev/nbd0")
         rows["nbdkit python plugin over nbd"] = nbd(
-            lambda p: ["python", os.path.join(HERE, "nbdkit_file.py"), f"file={p}"], path, args.runtime)
+            lambda p: ["python", os.path.join(HERE, "nbdkit_file.py"), f"file={p}"], path, args.runtime,
+            "/dev/nbd1")
     else:
         print("nbdkit or /dev/nbd0 missing: skipping the nbdkit peers (scripts/setup --bench; module nbd)")
     for rw in ("randread", "randwrite"):

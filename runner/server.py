@@ -94,7 +94,9 @@ class DeviceServer:
                 physical_block_size=caps["physical_block_size"],
                 read_only=not caps["can_write"], volatile_cache=caps["can_flush"],
                 fua=caps["can_fua"] and caps["can_flush"],
-                discard_granularity=max(4096, caps["logical_block_size"]) if discard else 0,
+                chunk_bytes=int(getattr(h, "chunk_size", 0) or 0),
+                discard_granularity=int(getattr(h, "discard_granularity", 0) or
+                                        max(4096, caps["logical_block_size"])) if discard else 0,
                 max_discard_bytes=(1 << 30) if caps["can_discard"] else 0,
                 max_write_zeroes_bytes=(1 << 30) if caps["can_write_zeroes"] else 0,
             )
