@@ -153,3 +153,43 @@ vm_base_initramfs() {
     fi
     echo "$out"
 }
+
+# PVH boot: qemu can enter an uncompressed vmlinux directly at its PVH entry point (CONFIG_PVH=y),
+# which skips the bzImage decompressor; under TCG that saves ~2 CPU-seconds per boot.
+# The vmlinux is the bzImage payload: (setup_sects+1)*512 + payload_offset, payload_length bytes,
+# the last 4 of which are the uncompressed size appended by the kernel build.
+_vm_extract_vmlinux() {  # $1=bzImage $2=output (caller holds the lock)
+    local setup off len start magic dec
+    [ -f "$2" ] && return 0   # done by a concurrent run
+    setup=$(od -An -tu1 -j $((0x1f1)) -N1 "$1" | tr -d ' ')
+    [ "$setup" = 0 ] && setup=4
+    off=$(od -An -tu4 -j $((0x248)) -N4 "$1" | tr -d ' ')
+    len=$(od -An -tu4 -j $((0x24c)) -N4 "$1" | tr -d ' ')
+    [ -n "$off" ] && [ -n "$len" ] && [ "$len" -gt 4 ] || return 1
+    start=$(( (setup + 1) * 512 + off ))
+    # dd, not tail|head: the callers run with pipefail, and tail would die of SIGPIPE.
+    magic=$(dd if="$1" iflag=skip_bytes,count_bytes skip="$start" count=6 status=none | od -An -tx1 | tr -d ' \n')
+    case $magic in
+        28b52ffd*) dec="zstd -dcq" ;;
+        fd377a585a00) dec="xz -dcq" ;;
+        1f8b*) dec="gzip -dcq" ;;
+        *) return 1 ;;
+    esac
+    command -v "${dec%% *}" >/dev/null || return 1
+    # shellcheck disable=SC2086
+    dd if="$1" iflag=skip_bytes,count_bytes skip="$start" count=$((len - 4)) bs=1M status=none |
+        $dec >"$2.tmp" &&
+        [ "$(head -c 4 "$2.tmp" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] &&
+        mv "$2.tmp" "$2" || { rm -f "$2.tmp"; return 1; }
+}
+
+# Print the image to pass to qemu -kernel: the PVH vmlinux when possible, else the bzImage.
+vm_boot_image() {
+    local kver=$1 kdir="$VM_CACHE/kernel/$1" pvh
+    pvh="$kdir/boot/vmlinux-$kver.pvh"
+    if [ "${UBLK_VM_PVH:-1}" != 0 ] && grep -qx 'CONFIG_PVH=y' "$kdir/boot/config-$kver" 2>/dev/null; then
+        [ -f "$pvh" ] || vm_lock _vm_extract_vmlinux "$kdir/boot/vmlinuz-$kver" "$pvh" 2>/dev/null || true
+        if [ -f "$pvh" ]; then echo "$pvh"; return 0; fi
+    fi
+    echo "$kdir/boot/vmlinuz-$kver"
+}
