@@ -387,7 +387,7 @@ class KernelFeatures(_RstDirective):
             if name not in FEATURE_NAMES.values():
                 log.warning("kernel feature %s is described in docs/_ext/ublk_docs.py but unknown to runner.ublk",
                             name, location=self.get_location())
-        return _list_table(["flag (UBLK_F_)", "bit", "first kernel", "Debian 6.12.107", "ublk-runner"], rows,
+        return _list_table(["flag", "bit", "first kernel", "Debian 6.12.107", "ublk-runner"], rows,
                            "24 10 18 16 32")
 
 
