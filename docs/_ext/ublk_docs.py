@@ -157,13 +157,13 @@ def _device_descriptions():
         "size": ("a size", "> 0, a multiple of ``block_size``",
                  "Device size in bytes. Optional when the handler can tell (``file`` takes the file's size); "
                  "handlers with ``size_required`` refuse a device without it."),
-        "id": ("an integer", f"-1 .. {c.MAX_DEVICE_ID}; unique",
+        "id": ("an integer", "unique among devices",
                "Fixed ublk device id, so the disk is ``/dev/ublkb<id>``; ``-1`` lets the kernel pick one."),
         "queues": ("an integer", "", "Number of hardware queues, each served by its own thread. The kernel "
                    "caps it at the number of CPUs; asking for more fails the device."),
         "depth": ("an integer", "", "Requests in flight per queue (tags)."),
         "block_size": ("a size", "", "Logical block size; every request offset and length is a multiple of it."),
-        "physical_block_size": ("a size", "a power of two >= ``block_size``; default: ``block_size``",
+        "physical_block_size": ("a size", "a power of two >= ``block_size``",
                                 "Physical block size advertised to the kernel (also ``io_min``)."),
         "max_io_size": ("a size", "a multiple of 4K",
                         "Largest single request; the kernel splits bigger ones."),
