@@ -275,11 +275,15 @@ class ConfigSchema(_RstDirective):
 
 def _builtin_handlers():
     """Handler classes registered by the ublk-runner distribution itself."""
-    from runner.plugins import RUNNER_DISTRIBUTION, _norm, load_plugins
+    from runner.plugins import RUNNER_DISTRIBUTION, Plugins, _norm
 
-    plugins = load_plugins(autoload=True)
-    if plugins.errors:
-        raise RuntimeError("; ".join(str(e) for e in plugins.errors))
+    # Plugins().load, not load_plugins(): UBLK_RUNNER_DISABLE_PLUGIN_AUTOLOAD
+    # in the environment must not empty the reference.
+    plugins = Plugins()
+    plugins.load(autoload=True)
+    ours = [e for e in plugins.errors if e.distribution and _norm(e.distribution) == RUNNER_DISTRIBUTION]
+    if ours:
+        raise RuntimeError("; ".join(str(e) for e in ours))
     out = []
     for name in plugins.registry.names():
         plugin, dist, _ = plugins.registry.owner(name)
