@@ -24,7 +24,7 @@ File layout (see ``conf/example.yaml``)::
         physical_block_size: 512 # power of two >= block_size, <= 64K (default block_size)
         max_io_size: 1M          # multiple of 4K, 4K..32M
         read_only: false
-        recovery: requeue        # none | requeue | reissue
+        recovery: none           # none | requeue | reissue
         request_timeout: 30      # seconds (> 0)
         isolate: false           # serve this device from its own process
         user_copy: auto          # auto | true | false
@@ -138,7 +138,7 @@ class DeviceConfig:
     physical_block_size: int = 512
     max_io_size: int = 1 << 20
     read_only: bool = False
-    recovery: str = "requeue"
+    recovery: str = "none"  # until the runner can take a quiesced device over (user recovery)
     request_timeout: float = 30.0
     isolate: bool = False
     user_copy: str | bool = "auto"

@@ -292,7 +292,8 @@ class DeviceServer:
                     q.read_data(r, buf)
             items.append(BatchRequest(r, buf))
         try:
-            batch(items)
+            if batch(items) is not None:
+                raise TypeError("handle_batch must finish every request before returning None")
         except Exception as e:  # noqa: BLE001 - the whole batch fails
             for it in items:
                 if it.result is None:
@@ -345,6 +346,15 @@ class DeviceServer:
         await aio.serve(q, handle)
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def config(self):
+        """The device's DeviceConfig (what lifecycle hooks receive as ``device.config``)."""
+        return self.cfg
+
+    @property
+    def dev_id(self) -> int | None:
+        return self.device.dev_id if self.device else None
+
     def stats(self) -> dict:
         per_queue = {q_id: q.stats() for q_id, q in list(self.queues.items()) if not q.closed}
         total: dict = {"ops": {}, "bytes": {}, "errors": 0, "in_flight": 0}

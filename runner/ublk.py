@@ -402,7 +402,7 @@ class Device:
             features = get_features()
             if not features & F_CMD_IOCTL_ENCODE:
                 raise UblkError(_errno.EOPNOTSUPP, "GET_FEATURES", dev_id,
-                                "kernel lacks CMD_IOCTL_ENCODE (needs 6.4+; Debian 12: the 6.12 kernel)")
+                                "kernel lacks CMD_IOCTL_ENCODE (needs 6.5+; Debian 12: the 6.12 kernel)")
             if user_copy is None:
                 user_copy = bool(features & F_USER_COPY)
             flags = 0

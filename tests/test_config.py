@@ -127,7 +127,7 @@ def test_defaults_filled_in(tmp_path, registry):
     )
     assert (d.size, d.id, d.queues, d.depth, d.block_size, d.physical_block_size) == (None, -1, 1, 128, 512, 512)
     assert (d.max_io_size, d.read_only, d.recovery, d.request_timeout, d.isolate, d.user_copy) == (
-        1 << 20, False, "requeue", 30.0, False, "auto",
+        1 << 20, False, "none", 30.0, False, "auto",
     )
     assert d.line == 2
     spec = d.spec()

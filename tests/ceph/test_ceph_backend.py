@@ -559,7 +559,8 @@ def test_io_timeout_reports_etimedout(rbd_image, ceph_cluster):
         try:
             t0 = time.monotonic()
             with pytest.raises(RbdError) as ei:
-                b.sync(timeout=20).read(0, 4096)
+                # a range never written: librbd's cache cannot answer it, the OSD must
+                b.sync(timeout=20).read(2 * MiB, 4096)
             dt = time.monotonic() - t0
         finally:
             ceph_cluster.resume_osd()
