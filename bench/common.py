@@ -35,7 +35,8 @@ class ServedDevice:
     ``handle(queue, requests)`` is called per batch; ``native`` makes the core serve it alone."""
 
     def __init__(self, size: int, handle=None, native: str | None = None, queues: int = 1,
-                 depth: int = 128, **add_kw):
+                 depth: int = 128, pollable: bool = True, **add_kw):
+        self.pollable = pollable
         self.dev = Device.add(size, queues=queues, depth=depth, **add_kw)
         self.handle = handle
         self.native = native
@@ -43,7 +44,7 @@ class ServedDevice:
 
     def _serve(self, q_id, ready):
         os.sched_setaffinity(0, {SERVER_CPU})
-        with self.dev.open_queue(q_id, native=self.native) as q:
+        with self.dev.open_queue(q_id, native=self.native, pollable=self.pollable) as q:
             ready.set()
             try:
                 while True:

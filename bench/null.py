@@ -31,10 +31,13 @@ def main():
         subprocess.run(["modprobe", "null_blk"], check=True)
     rows = []
     rows.append(("kernel null_blk", fio("/dev/nullb0", runtime=args.runtime)))
-    with ServedDevice(SIZE, native="null") as dev:
-        rows.append(("ublk-runner native null (core, no Python)", fio(dev.block_path, runtime=args.runtime)))
-    with ServedDevice(SIZE, handle=python_null) as dev:
-        rows.append(("ublk-runner null completed by Python, batched", fio(dev.block_path, runtime=args.runtime)))
+    for pollable in (True, False):
+        ring = "pollable ring" if pollable else "DEFER_TASKRUN ring"
+        with ServedDevice(SIZE, native="null", pollable=pollable) as dev:
+            rows.append((f"native null (core only), {ring}", fio(dev.block_path, runtime=args.runtime)))
+        with ServedDevice(SIZE, handle=python_null, pollable=pollable) as dev:
+            rows.append((f"null completed by Python, {ring}", fio(dev.block_path, runtime=args.runtime)))
+    rows.append(("kernel null_blk (again, to see drift)", fio("/dev/nullb0", runtime=args.runtime)))
     print(table("4k randread QD64, 1 queue", rows, "kernel null_blk"))
     if args.json:
         with open(args.json, "w") as f:

@@ -75,10 +75,14 @@ class Queue:
     - ``"null"``: complete at once (the speed reference); ``native_options`` may hold
       ``latency_us``, ``error_ops`` (a set of op numbers) and ``error`` (an errno) to inject;
     - ``"file"``: io_uring reads/writes/fdatasync/fallocate on ``native_options["fd"]``.
+
+    ``pollable=False`` promises the queue is only driven by :meth:`wait` (never through
+    :meth:`fileno`); the ring then defers the kernel's completion work to that wait, which is
+    cheaper (IORING_SETUP_DEFER_TASKRUN).
     """
 
     def __init__(self, device, q_id: int, *, native: str | None = None, native_options: dict | None = None,
-                 batch: int | None = None, io_flusher: bool = True):
+                 batch: int | None = None, io_flusher: bool = True, pollable: bool = True):
         self.device = device
         self.q_id = q_id
         self.depth = device.info.depth
@@ -86,7 +90,8 @@ class Queue:
         if native not in NATIVE:
             raise ValueError(f"unknown native target {native!r}; known: {sorted(k for k in NATIVE if k)}")
         pp = ffi.new("struct ubq **")
-        ret = lib.ubq_open(pp, device.cdev_fd, q_id, self.depth, self.max_io_bytes, device.info.flags)
+        ret = lib.ubq_open(pp, device.cdev_fd, q_id, self.depth, self.max_io_bytes, device.info.flags,
+                           int(pollable))
         if ret < 0:
             raise OSError(-ret, f"opening queue {q_id} of ublk device {device.dev_id}: {_errno.errorcode.get(-ret)}")
         self._q = pp[0]

@@ -166,7 +166,8 @@ class DeviceServer:
         native = self.caps["native_target"]
         try:
             q = self.device.open_queue(q_id, native=native[0] if native else None,
-                                       native_options=native[1] if native else None)
+                                       native_options=native[1] if native else None,
+                                       pollable=self.is_async)
         except BaseException as e:
             self.errors.append(e)
             ready.set()

@@ -108,7 +108,7 @@ int ubc_cmd(struct ubc *c, uint32_t cmd_op, uint32_t dev_id, uint16_t q_id,
             void *buf, uint32_t len, uint64_t data0, int timeout_ms);
 
 int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
-             uint32_t max_io_bytes, uint64_t dev_flags);
+             uint32_t max_io_bytes, uint64_t dev_flags, int pollable);
 void ubq_close(struct ubq *q);
 int ubq_fetch_all(struct ubq *q);
 int ubq_set_native(struct ubq *q, int kind);

@@ -243,6 +243,7 @@ struct ubq {
 	uint32_t max_io_bytes;
 	uint64_t dev_flags;
 	int user_copy;
+	int pollable;
 	int native;
 	pthread_t owner;
 	int fetched;
@@ -317,7 +318,7 @@ static int ubq_arm_wake(struct ubq *q)
 }
 
 int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
-	     uint32_t max_io_bytes, uint64_t dev_flags)
+	     uint32_t max_io_bytes, uint64_t dev_flags, int pollable)
 {
 	struct io_uring_params p;
 	long page = sysconf(_SC_PAGESIZE);
@@ -376,7 +377,18 @@ int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
 	/* COOP_TASKRUN still wakes a task sleeping in epoll/io_uring_enter; it only skips the IPI to
 	 * a running one, which picks the work up at its next syscall. */
 	p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+	/* A queue driven only by ubq_run's own wait can defer task work to that wait (6.1+): no
+	 * signal-style wakeups, completions batched.  An event-loop queue cannot: its owner sleeps
+	 * in epoll, where deferred work would never run. */
+	if (!pollable)
+		p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
+	q->pollable = pollable;
 	ret = io_uring_queue_init_params(depth + 8, &q->ring, &p);
+	if (ret < 0 && !pollable) {
+		memset(&p, 0, sizeof(p));
+		p.flags = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+		ret = io_uring_queue_init_params(depth + 8, &q->ring, &p);
+	}
 	if (ret < 0) {
 		p.flags = 0;
 		ret = io_uring_queue_init_params(depth + 8, &q->ring, &p);
@@ -592,6 +604,8 @@ int ubq_poll_fd(struct ubq *q)
 
 	if (q->poll_fd >= 0)
 		return q->poll_fd;
+	if (!q->pollable)
+		return -EINVAL;
 	q->poll_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (q->poll_fd < 0)
 		return -errno;

@@ -64,10 +64,12 @@ struct ubq_stats {
 	uint64_t lat_us[UBQ_LAT_BUCKETS];
 };
 
-/* Open queue q_id of the device whose char device is cdev_fd (not taken over: caller closes it
+/* pollable: the queue will be driven from an event loop through ubq_poll_fd.  Otherwise the
+ * ring defers task work to ubq_run's wait (cheaper) and ubq_poll_fd fails with -EINVAL.
+ * Open queue q_id of the device whose char device is cdev_fd (not taken over: caller closes it
  * after ubq_close).  dev_flags are the flags ADD_DEV wrote back; they select user-copy or buffer mode. */
 int ubq_open(struct ubq **out, int cdev_fd, uint16_t q_id, uint16_t depth,
-	     uint32_t max_io_bytes, uint64_t dev_flags);
+	     uint32_t max_io_bytes, uint64_t dev_flags, int pollable);
 void ubq_close(struct ubq *q);
 /* Owner thread: submit FETCH_REQ for every tag; makes the caller the queue's daemon. */
 int ubq_fetch_all(struct ubq *q);

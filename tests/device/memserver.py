@@ -47,7 +47,7 @@ class MemServer:
 
     def _thread_main(self, q_id, ready):
         try:
-            with self.dev.open_queue(q_id) as q:
+            with self.dev.open_queue(q_id, pollable=False) as q:
                 ready.set()
                 while True:
                     for r in q.wait(1.0):
