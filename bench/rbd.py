@@ -12,7 +12,7 @@ librbd-based targets by default, so that every write reaches the OSD as it does 
 
 Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --bench``)::
 
-    UBLK_VM_MODULES="ublk_drv null_blk loop rbd nbd" tests/vm/run .venv/bin/python bench/rbd.py
+    tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
 
 tcmu-runner's rbd handler is not measured: it needs LIO (target_core_user, tcm_loop and a
 targetcli-made configfs tree) and tcmu-runner registers its handlers over the system D-Bus,
@@ -34,9 +34,15 @@ from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+# This file is called rbd.py: with its directory on sys.path, "import rbd" (the Ceph binding,
+# used by tests/ceph/cluster.py) would import this script instead. Take the directory off and
+# load bench/common.py by path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 sys.path.insert(0, REPO)
-from common import FIO_CPU, SERVER_CPU, fio, table  # noqa: E402
+_spec = importlib.util.spec_from_file_location("ublk_bench_common", os.path.join(HERE, "common.py"))
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+FIO_CPU, SERVER_CPU, fio, table = _common.FIO_CPU, _common.SERVER_CPU, _common.fio, _common.table
 
 MiB = 1 << 20
 
@@ -153,6 +159,10 @@ devices:
         if missing:
             raise SystemExit("Ceph is not installed: " + ", ".join(missing))
         subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True)
+        # krbd and nbd. Loaded here, in this order: the harness' single "modprobe -a" fails on
+        # libcrc32c in the TCG guest unless crc32c_generic is loaded first.
+        for m in ("crc32c_generic", "libcrc32c", "rbd", "nbd"):
+            subprocess.run(["modprobe", m], capture_output=True)
         d = tempfile.mkdtemp(prefix="ceph-bench-", dir="/tmp")
         c = mod.Cluster(d, objectstore="memstore", store_bytes=self.args.size * 3)
         t0 = time.monotonic()
