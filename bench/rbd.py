@@ -57,7 +57,12 @@ def cluster_module():
 
 
 def run(*cmd, timeout=600, check=True):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        if check:
+            raise
+        return subprocess.CompletedProcess(cmd, 124, e.stdout or "", f"timed out after {timeout}s")
     if check and p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} -> {p.returncode}: {p.stdout}{p.stderr}")
     return p
@@ -107,7 +112,7 @@ devices:
                 print(r.log()[-3000:], file=sys.stderr)
 
     def krbd(self):
-        p = run("rbd", "map", *self.ceph_args(), "-o", "ms_mode=crc",
+        p = run("rbd", "map", *self.ceph_args(), "-o", "ms_mode=crc,noudev",
                 f"{self.info['pool']}/{self.image}", check=False, timeout=120)
         if p.returncode != 0:
             self.skipped.append(f"krbd: rbd map failed: {p.stderr.strip()[-300:]}")
@@ -116,7 +121,7 @@ devices:
         try:
             self.measure("kernel rbd (krbd, rbd map)", dev)
         finally:
-            run("rbd", "unmap", dev, check=False, timeout=120)
+            run("rbd", "unmap", "-o", "noudev", dev, check=False, timeout=120)
 
     def nbd(self):
         if not shutil.which("rbd-nbd"):
