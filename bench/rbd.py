@@ -157,6 +157,59 @@ devices:
                   f"({time.monotonic() - t0:.0f}s)", flush=True)
             self.rows[rw].append(("rbd bench (librbd C++, no block device)", r))
 
+    def api(self):
+        """The handler's IO methods called directly (no kernel, no runner): what Python + the
+        binding + librbd cost before ublk is involved."""
+        import random
+        import threading
+        from runner.handler import DeviceSpec, validate_options
+        from ublk_plugins.rbd.handler import RbdHandler
+        i = self.info
+        raw = dict(pool=i["pool"], image=self.image, conf=i["conf"], client=i["client_id"],
+                   keyring=i["keyring"])
+        if not self.args.cache:
+            raw["ceph_options"] = ["rbd_cache=false"]
+        opts, errors = validate_options(RbdHandler.options_schema, raw)
+        assert not errors, errors
+        os.sched_setaffinity(0, {SERVER_CPU})
+        h = RbdHandler.open(opts, DeviceSpec(name="api"))
+        try:
+            nblk = h.size // 4096
+            for rw in ("randread", "randwrite"):
+                sem = threading.Semaphore(64)
+                lock = threading.Lock()
+                stats = {"n": 0, "lat": 0.0}
+                rng = random.Random(7)
+                bufs = [bytearray(4096) for _ in range(64)]
+
+                def done(f, t0):
+                    dt = time.monotonic() - t0
+                    with lock:
+                        stats["n"] += 1
+                        stats["lat"] += dt
+                    sem.release()
+                t_end = time.monotonic() + self.args.runtime
+                k = 0
+                while time.monotonic() < t_end:
+                    sem.acquire()
+                    off = rng.randrange(nblk) * 4096
+                    t0 = time.monotonic()
+                    buf = memoryview(bufs[k % 64])
+                    k += 1
+                    f = h.read(off, buf) if rw == "randread" else h.write(off, buf, False)
+                    f.add_done_callback(lambda f, t0=t0: done(f, t0))
+                for _ in range(64):
+                    sem.acquire(timeout=60)
+                r = {"iops": stats["n"] / self.args.runtime,
+                     "lat_us": stats["lat"] / max(1, stats["n"]) * 1e6}
+                label = "rbd handler API, no kernel (Python)"
+                print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us",
+                      flush=True)
+                self.rows[rw].append((label, r))
+        finally:
+            h.close()
+            os.sched_setaffinity(0, set(range(os.cpu_count())))
+
     # ---- main ---------------------------------------------------------------------------------
     def main(self):
         mod = cluster_module()
@@ -184,7 +237,7 @@ devices:
             tmp = tempfile.mkdtemp(prefix="rbd-bench-")
             for name in self.args.targets.split(","):
                 {"ublk": lambda: self.ublk(tmp), "krbd": self.krbd, "nbd": self.nbd,
-                 "librbd": self.rbd_bench}[name]()
+                 "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
             c.down(purge=True)
         ref = self.rows["randread"][0][0] if self.rows["randread"] else None
@@ -209,7 +262,7 @@ def parse():
     ap.add_argument("--cache", action="store_true", help="keep librbd's default cache")
     ap.add_argument("--bench-total", type=int, default=64 * MiB,
                     help="bytes per 'rbd bench' run (it has no time limit)")
-    ap.add_argument("--targets", default="ublk,krbd,nbd,librbd")
+    ap.add_argument("--targets", default="librbd,api,ublk,krbd,nbd")
     ap.add_argument("--json")
     return ap.parse_args()
 
