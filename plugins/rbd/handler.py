@@ -6,6 +6,28 @@ back to the queue thread (``DeviceServer._later``), so each queue keeps up to it
 requests in flight. ``thread_model = "parallel"``: librbd's image handle is thread-safe and
 the handler keeps no per-request state outside the future.
 
+Configuration::
+
+    devices:
+      - name: vm-disk
+        handler: rbd
+        queues: 2
+        depth: 64
+        options:
+          pool: rbd
+          image: vm-disk          # namespace: ns1   snapshot: s1 (read-only)
+          conf: /etc/ceph/ceph.conf
+          client: ublk            # or client.ublk; default client.admin
+          keyring: /etc/ceph/ceph.client.ublk.keyring
+          timeout: 30             # connect + open bound, seconds
+          io_timeout: 0           # per-request deadline, 0 = wait for the cluster
+          ceph_options: ["rbd_cache=false"]
+
+Size comes from the image (a smaller ``size:`` in the config is honoured, a larger one is an
+error); the logical block size from the config (default 512), the physical block size is at
+least 4096. ``discard_granularity`` (librbd's ``rbd_discard_granularity_bytes``, 64 KiB by
+default) and ``max_discard_bytes`` are exposed as instance attributes for the runner.
+
 Data path and copies:
 
 * read: ``Image.aio_read`` cannot read into a caller buffer (the binding allocates a
