@@ -201,7 +201,7 @@ def test_osd_restart_during_fio(runner, cluster, image, fio, tmp_path):
 
     def run():
         result["p"] = subprocess.run(
-            [fio, f"--filename={block}", *FIO_VERIFY, "--size=12M"],
+            [fio, f"--filename={block}", *FIO_VERIFY, "--size=8M"],
             capture_output=True, text=True, timeout=900)
     t = threading.Thread(target=run)
     t.start()
@@ -209,10 +209,10 @@ def test_osd_restart_during_fio(runner, cluster, image, fio, tmp_path):
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until fio is writing
         before = r.cli_json("stats", "r")["r"]["total"]["ops"]
-        if before.get("write", 0) >= 100:
+        if before.get("write", 0) >= 64:
             break
         time.sleep(0.2)
-    assert before.get("write", 0) >= 100, before
+    assert before.get("write", 0) >= 64, before
     t0 = time.monotonic()
     cluster.stop_osd()  # SIGTERM; waits until the monitor marks it down
     time.sleep(3)
