@@ -14,6 +14,21 @@ Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --ben
 
     tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
 
+Measured (2026-11-28, TCG guest on 2 host cores shared with other sessions' VMs; two runs, IOPS;
+ratio to ``rbd bench``)::
+
+    target                               randread        randwrite
+    rbd bench (librbd C++)               346 / 559       145 / 297
+    handler API, no kernel (run 2 only)  - / 170 (0.31)  - / 159 (0.54)
+    ublk-runner rbd handler, 1 queue     75 (0.22) / 54 (0.10)   63 (0.43) / 56 (0.19)
+    krbd                                 326 (0.94) / 333 (0.60) 160 (1.10) / 133 (0.45)
+    rbd-nbd                              42 (0.12) / 121 (0.22)  30 (0.21) / 72 (0.24)
+
+Under TCG every path is CPU-bound (``rbd bench`` itself manages ~350-560 IOPS); the handler's
+Python per request (queue thread + completion callback + user-copy syscalls, all on CPU 0 with
+librbd's own threads) is what separates it from the API row. On the host (no VM, no kernel)
+the handler API reaches 0.65x (read) / 0.52x (write) of ``rbd bench``.
+
 tcmu-runner's rbd handler is not measured: it needs LIO (target_core_user, tcm_loop and a
 targetcli-made configfs tree) and tcmu-runner registers its handlers over the system D-Bus,
 which the test VM (busybox init, no dbus-daemon) does not have.
