@@ -97,7 +97,7 @@ class DeviceServer:
                 chunk_bytes=int(getattr(h, "chunk_size", 0) or 0),
                 discard_granularity=int(getattr(h, "discard_granularity", 0) or
                                         max(4096, caps["logical_block_size"])) if discard else 0,
-                max_discard_bytes=(1 << 30) if caps["can_discard"] else 0,
+                max_discard_bytes=int(getattr(h, "max_discard_bytes", 0) or (1 << 30)) if caps["can_discard"] else 0,
                 max_write_zeroes_bytes=(1 << 30) if caps["can_write_zeroes"] else 0,
             )
         except Exception as e:

@@ -1,8 +1,12 @@
-"""RBD handler plugin (ublk_plugins.rbd).
+"""RBD handler plugin (ublk_plugins.rbd): a Ceph RBD image as a ublk device.
 
-The librbd backend lives in :mod:`.backend`; it is imported lazily so that loading this
-package does not require Debian's python3-rbd/python3-rados to be installed.
+The handler is :class:`.handler.RbdHandler` (``handler: rbd``); the librbd backend lives in
+:mod:`.backend`. librbd is imported only when a device opens, so loading this plugin does not
+require Debian's python3-rbd/python3-rados.
 """
+from runner.hookspecs import hookimpl
+
+from .handler import RbdHandler
 
 
 def __getattr__(name):
@@ -10,3 +14,8 @@ def __getattr__(name):
         from . import backend
         return getattr(backend, name)
     raise AttributeError(name)
+
+
+@hookimpl
+def ublk_runner_register_handlers(registry):
+    registry.add(RbdHandler)

@@ -417,10 +417,13 @@ class RbdBackend:
         self._check(offset, length, True)
         self._submit(self._image.aio_discard, offset, length, self._wrap(callback))
 
-    def aio_write_zeroes(self, offset: int, length: int, callback: Callback) -> None:
-        """The range reads back as zeroes afterwards (whole objects are deallocated)."""
+    def aio_write_zeroes(self, offset: int, length: int, callback: Callback,
+                         zero_flags: int = 0) -> None:
+        """The range reads back as zeroes afterwards (whole objects are deallocated unless
+        ``zero_flags`` has RBD_WRITE_ZEROES_FLAG_THICK_PROVISION, 1)."""
         self._check(offset, length, True)
-        self._submit(self._image.aio_write_zeroes, offset, length, self._wrap(callback))
+        kw = {"zero_flags": zero_flags} if zero_flags else {}
+        self._submit(self._image.aio_write_zeroes, offset, length, self._wrap(callback), **kw)
 
     # ---- life cycle -----------------------------------------------------------
     def wait_idle(self, timeout: float | None = None) -> bool:

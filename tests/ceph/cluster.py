@@ -105,6 +105,13 @@ def _tail(path: str, n: int = 25) -> str:
         return "(no log)"
 
 
+def _crush_host() -> str:
+    """The hostname as a valid CRUSH bucket name ("localhost" if there is none)."""
+    name = socket.gethostname().split(".")[0]
+    name = "".join(c for c in name if c.isalnum() or c in "-_")
+    return name if name and name != "none" else "localhost"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -257,6 +264,9 @@ keyring = {d}/mon.keyring
 [osd]
 osd data = {d}/osd.$id
 keyring = $osd_data/keyring
+# explicit: the OSD otherwise derives host= from the hostname, and a host without one (the
+# test VM's "(none)") makes its crush create-or-move fail with EINVAL and the OSD exit
+crush location = root=default host={_crush_host()}
 {chr(10).join(osd_store)}
 
 [client]

@@ -1,0 +1,286 @@
+"""One RBD image, four ways to reach it: this project's ``rbd`` handler (ublk), the kernel's rbd
+client (krbd, ``rbd map``), ``rbd-nbd`` (librbd behind /dev/nbdX), and ``rbd bench`` (librbd's
+C++ API with no block device at all, the ceiling for the librbd-based paths). fio 4k randread and
+randwrite, io_uring, direct, iodepth 64, one job pinned to CPU 1; the userspace servers (runner,
+rbd-nbd) are pinned to CPU 0; the Ceph daemons float.
+
+A throw-away cluster (one monitor, one memstore OSD) is brought up on the VM's loopback by
+tests/ceph/cluster.py; the image is written in full first, so no target reads holes that the
+object map answers without the OSD. librbd's cache is turned off (``rbd_cache=false``) for the
+librbd-based targets by default, so that every write reaches the OSD as it does with krbd; pass
+``--cache`` to keep librbd's default write-around cache.
+
+Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --bench``)::
+
+    tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
+
+Measured (2026-11-28, TCG guest on 2 host cores shared with other sessions' VMs; two runs, IOPS;
+ratio to ``rbd bench``)::
+
+    target                               randread        randwrite
+    rbd bench (librbd C++)               346 / 559       145 / 297
+    handler API, no kernel (run 2 only)  - / 170 (0.31)  - / 159 (0.54)
+    ublk-runner rbd handler, 1 queue     75 (0.22) / 54 (0.10)   63 (0.43) / 56 (0.19)
+    krbd                                 326 (0.94) / 333 (0.60) 160 (1.10) / 133 (0.45)
+    rbd-nbd                              42 (0.12) / 121 (0.22)  30 (0.21) / 72 (0.24)
+
+Under TCG every path is CPU-bound (``rbd bench`` itself manages ~350-560 IOPS); the handler's
+Python per request (queue thread + completion callback + user-copy syscalls, all on CPU 0 with
+librbd's own threads) is what separates it from the API row. On the host (no VM, no kernel)
+the handler API reaches 0.65x (read) / 0.52x (write) of ``rbd bench``.
+
+tcmu-runner's rbd handler is not measured: it needs LIO (target_core_user, tcm_loop and a
+targetcli-made configfs tree) and tcmu-runner registers its handlers over the system D-Bus,
+which the test VM (busybox init, no dbus-daemon) does not have.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+# This file is called rbd.py: with its directory on sys.path, "import rbd" (the Ceph binding,
+# used by tests/ceph/cluster.py) would import this script instead. Take the directory off and
+# load bench/common.py by path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+sys.path.insert(0, REPO)
+_spec = importlib.util.spec_from_file_location("ublk_bench_common", os.path.join(HERE, "common.py"))
+_common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_common)
+FIO_CPU, SERVER_CPU, fio, table = _common.FIO_CPU, _common.SERVER_CPU, _common.fio, _common.table
+
+MiB = 1 << 20
+
+
+def cluster_module():
+    spec = importlib.util.spec_from_file_location("ublk_tests_ceph_cluster",
+                                                  os.path.join(REPO, "tests", "ceph", "cluster.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run(*cmd, timeout=600, check=True):
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        if check:
+            raise
+        return subprocess.CompletedProcess(cmd, 124, e.stdout or "", f"timed out after {timeout}s")
+    if check and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} -> {p.returncode}: {p.stdout}{p.stderr}")
+    return p
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.rows: dict[str, list[tuple[str, dict]]] = {"randread": [], "randwrite": []}
+        self.skipped: list[str] = []
+
+    def ceph_args(self):
+        i = self.info
+        return ["--conf", i["conf"], "--id", i["client_id"], "--keyring", i["keyring"]]
+
+    def measure(self, label, path):
+        for rw in ("randread", "randwrite"):
+            r = fio(path, rw=rw, runtime=self.args.runtime, iodepth=64)
+            print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us", flush=True)
+            self.rows[rw].append((label, r))
+
+    # ---- targets ------------------------------------------------------------------------------
+    def ublk(self, tmp):
+        from tests.device.runnerproc import RunnerProcess
+        i = self.info
+        opts = "" if self.args.cache else '\n      ceph_options: ["rbd_cache=false"]'
+        r = RunnerProcess(Path(tmp), f"""
+devices:
+  - name: rbdbench
+    handler: rbd
+    queues: {self.args.queues}
+    depth: 128
+    options:
+      pool: {i['pool']}
+      image: {self.image}
+      conf: {i['conf']}
+      client: {i['client_id']}
+      keyring: {i['keyring']}{opts}
+""")
+        try:
+            run("taskset", "-a", "-p", "-c", str(SERVER_CPU), str(r.proc.pid))
+            dev = r.devices()["rbdbench"]["block"]
+            self.measure(f"ublk-runner rbd handler ({self.args.queues}q)", dev)
+        finally:
+            rc = r.stop()
+            if rc != 0:
+                print(r.log()[-3000:], file=sys.stderr)
+
+    def krbd(self):
+        p = run("rbd", "map", *self.ceph_args(), "-o", "ms_mode=crc,noudev",
+                f"{self.info['pool']}/{self.image}", check=False, timeout=120)
+        if p.returncode != 0:
+            self.skipped.append(f"krbd: rbd map failed: {p.stderr.strip()[-300:]}")
+            return
+        dev = p.stdout.strip()
+        try:
+            self.measure("kernel rbd (krbd, rbd map)", dev)
+        finally:
+            run("rbd", "unmap", "-o", "noudev", dev, check=False, timeout=120)
+
+    def nbd(self):
+        if not shutil.which("rbd-nbd"):
+            self.skipped.append("rbd-nbd: not installed (scripts/setup --bench)")
+            return
+        cache = [] if self.args.cache else ["--rbd_cache=false"]
+        p = run("taskset", "-c", str(SERVER_CPU), "rbd-nbd", "map", *self.ceph_args(), *cache,
+                f"{self.info['pool']}/{self.image}", check=False, timeout=120)
+        if p.returncode != 0:
+            self.skipped.append(f"rbd-nbd: map failed: {p.stderr.strip()[-300:]}")
+            return
+        dev = p.stdout.strip()
+        try:
+            self.measure("rbd-nbd (librbd behind /dev/nbd)", dev)
+        finally:
+            run("rbd-nbd", "unmap", dev, check=False, timeout=120)
+
+    def rbd_bench(self):
+        cache = [] if self.args.cache else ["--rbd_cache=false"]
+        for rw, io_type in (("randread", "read"), ("randwrite", "write")):
+            t0 = time.monotonic()
+            p = run("taskset", "-c", str(FIO_CPU), "rbd", "bench", *self.ceph_args(), *cache,
+                    "--io-type", io_type, "--io-size", "4K", "--io-threads", "64",
+                    "--io-pattern", "rand", "--io-total", str(self.args.bench_total),
+                    f"{self.info['pool']}/{self.image}", timeout=900)
+            m = re.search(r"elapsed:\s*([\d.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)", p.stdout)
+            if not m:
+                self.skipped.append(f"rbd bench {rw}: unparsable output {p.stdout[-300:]!r}")
+                continue
+            iops = float(m.group(3))
+            r = {"iops": iops, "lat_us": 64 / iops * 1e6}  # Little's law; rbd bench has no latency
+            print(f"  {'rbd bench (librbd C++, no block device)':40} {rw:9} {iops:9.0f} IOPS "
+                  f"({time.monotonic() - t0:.0f}s)", flush=True)
+            self.rows[rw].append(("rbd bench (librbd C++, no block device)", r))
+
+    def api(self):
+        """The handler's IO methods called directly (no kernel, no runner): what Python + the
+        binding + librbd cost before ublk is involved."""
+        import random
+        import threading
+        from runner.handler import DeviceSpec, validate_options
+        from ublk_plugins.rbd.handler import RbdHandler
+        i = self.info
+        raw = dict(pool=i["pool"], image=self.image, conf=i["conf"], client=i["client_id"],
+                   keyring=i["keyring"])
+        if not self.args.cache:
+            raw["ceph_options"] = ["rbd_cache=false"]
+        opts, errors = validate_options(RbdHandler.options_schema, raw)
+        assert not errors, errors
+        os.sched_setaffinity(0, {SERVER_CPU})
+        h = RbdHandler.open(opts, DeviceSpec(name="api"))
+        try:
+            nblk = h.size // 4096
+            for rw in ("randread", "randwrite"):
+                sem = threading.Semaphore(64)
+                lock = threading.Lock()
+                stats = {"n": 0, "lat": 0.0}
+                rng = random.Random(7)
+                bufs = [bytearray(4096) for _ in range(64)]
+
+                def done(f, t0):
+                    dt = time.monotonic() - t0
+                    with lock:
+                        stats["n"] += 1
+                        stats["lat"] += dt
+                    sem.release()
+                t_end = time.monotonic() + self.args.runtime
+                k = 0
+                while time.monotonic() < t_end:
+                    sem.acquire()
+                    off = rng.randrange(nblk) * 4096
+                    t0 = time.monotonic()
+                    buf = memoryview(bufs[k % 64])
+                    k += 1
+                    f = h.read(off, buf) if rw == "randread" else h.write(off, buf, False)
+                    f.add_done_callback(lambda f, t0=t0: done(f, t0))
+                for _ in range(64):
+                    sem.acquire(timeout=60)
+                r = {"iops": stats["n"] / self.args.runtime,
+                     "lat_us": stats["lat"] / max(1, stats["n"]) * 1e6}
+                label = "rbd handler API, no kernel (Python)"
+                print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us",
+                      flush=True)
+                self.rows[rw].append((label, r))
+        finally:
+            h.close()
+            os.sched_setaffinity(0, set(range(os.cpu_count())))
+
+    # ---- main ---------------------------------------------------------------------------------
+    def main(self):
+        mod = cluster_module()
+        missing = mod.missing_binaries()
+        if missing:
+            raise SystemExit("Ceph is not installed: " + ", ".join(missing))
+        subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True)
+        # krbd and nbd. Loaded here, in this order: the harness' single "modprobe -a" fails on
+        # libcrc32c in the TCG guest unless crc32c_generic is loaded first.
+        for m in ("crc32c_generic", "libcrc32c", "rbd", "nbd"):
+            subprocess.run(["modprobe", m], capture_output=True)
+        d = tempfile.mkdtemp(prefix="ceph-bench-", dir="/tmp")
+        c = mod.Cluster(d, objectstore="memstore", store_bytes=self.args.size * 3)
+        t0 = time.monotonic()
+        c.up(timeout=240)
+        try:
+            self.info = c.info()
+            self.image = "bench"
+            c.create_image(self.image, self.args.size)
+            print(f"cluster up in {time.monotonic() - t0:.0f}s; filling {self.args.size >> 20} MiB",
+                  flush=True)
+            run("rbd", "bench", *self.ceph_args(), "--io-type", "write", "--io-size", "4M",
+                "--io-threads", "8", "--io-pattern", "seq", "--io-total", str(self.args.size),
+                f"{self.info['pool']}/{self.image}", timeout=900)
+            tmp = tempfile.mkdtemp(prefix="rbd-bench-")
+            for name in self.args.targets.split(","):
+                {"ublk": lambda: self.ublk(tmp), "krbd": self.krbd, "nbd": self.nbd,
+                 "librbd": self.rbd_bench, "api": self.api}[name]()
+        finally:
+            c.down(purge=True)
+        ref = self.rows["randread"][0][0] if self.rows["randread"] else None
+        cache = "librbd cache on (writearound)" if self.args.cache else "rbd_cache=false"
+        for rw in ("randread", "randwrite"):
+            if self.rows[rw]:
+                print()
+                print(table(f"4k {rw} QD64, memstore OSD on the VM's loopback, {cache}",
+                            self.rows[rw], ref))
+        for s in self.skipped:
+            print("skipped:", s)
+        if self.args.json:
+            with open(self.args.json, "w") as f:
+                json.dump({rw: dict(rows) for rw, rows in self.rows.items()}, f, indent=2)
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", type=int, default=15, help="fio seconds per run")
+    ap.add_argument("--size", type=int, default=256 * MiB, help="image bytes")
+    ap.add_argument("--queues", type=int, default=1, help="ublk queues of the rbd device")
+    ap.add_argument("--cache", action="store_true", help="keep librbd's default cache")
+    ap.add_argument("--bench-total", type=int, default=64 * MiB,
+                    help="bytes per 'rbd bench' run (it has no time limit)")
+    ap.add_argument("--targets", default="librbd,api,ublk,krbd,nbd")
+    ap.add_argument("--json")
+    return ap.parse_args()
+
+
+if __name__ == "__main__":
+    Bench(parse()).main()
