@@ -1,7 +1,7 @@
 """The ``rbd`` handler: a Ceph RBD image as a ublk device, through librbd's asynchronous API.
 
 Every IO method submits one librbd ``aio_*`` call and returns a small future
-(:class:`RbdOp`) that librbd's completion thread resolves; the runner hands the completion
+(``RbdOp``) that librbd's completion thread resolves; the runner hands the completion
 back to the queue thread (``DeviceServer._later``), so each queue keeps up to its depth of
 requests in flight. ``thread_model = "parallel"``: librbd's image handle is thread-safe and
 the handler keeps no per-request state outside the future.
