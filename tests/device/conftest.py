@@ -1,4 +1,5 @@
 import shutil
+import subprocess
 
 import pytest
 
@@ -22,6 +23,26 @@ def no_device_left_behind():
                     pass
                 ublk._control().command("DEL_DEV_ASYNC", d.dev_id, timeout=5)
         pytest.fail(f"test left ublk devices behind: {left}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ext4_module():
+    subprocess.run(["modprobe", "ext4"], capture_output=True)
+
+
+@pytest.fixture
+def runner(tmp_path):
+    """start(yaml_text, **kw) -> a running RunnerProcess; every one must stop with exit 0."""
+    from .runnerproc import RunnerProcess
+    started = []
+
+    def start(yaml_text, **kw):
+        r = RunnerProcess(tmp_path, yaml_text, **kw)
+        started.append(r)
+        return r
+    yield start
+    for r in started:
+        assert r.stop() == 0, r.log()
 
 
 @pytest.fixture

@@ -12,6 +12,14 @@ import threading
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def sh(*cmd, check=True, timeout=600) -> subprocess.CompletedProcess:
+    """Run a command; unless check=False, a non-zero exit fails the test with its output."""
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} -> {p.returncode}: {p.stdout}{p.stderr}")
+    return p
+
+
 class RunnerProcess:
     def __init__(self, tmp_path, yaml_text: str, python: str = sys.executable, extra_args=()):
         self.dir = tmp_path

@@ -5,9 +5,8 @@ import subprocess
 
 import pytest
 
-from .runnerproc import REPO, RunnerProcess
+from .runnerproc import REPO, sh
 from .test_io import run_fio
-from .test_runner import runner, sh  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.device,
               pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img (qemu-utils) missing")]
@@ -35,8 +34,7 @@ def sha_of(path, size):
     return h.hexdigest()
 
 
-def test_ext4_on_qcow2_then_qemu_img_agrees(runner, tmp_path):  # noqa: F811
-    subprocess.run(["modprobe", "ext4"], capture_output=True)
+def test_ext4_on_qcow2_then_qemu_img_agrees(runner, tmp_path):
     img = tmp_path / "disk.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(img), "128M")
     r = runner(qcow2_device("q", img))
@@ -59,7 +57,7 @@ def test_ext4_on_qcow2_then_qemu_img_agrees(runner, tmp_path):  # noqa: F811
     assert sha_of(raw, 128 << 20) == through_device
 
 
-def test_fio_verify_on_qcow2_with_2_queues(runner, tmp_path, fio):  # noqa: F811
+def test_fio_verify_on_qcow2_with_2_queues(runner, tmp_path, fio):
     img = tmp_path / "f.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M")
     r = runner(qcow2_device("q", img, queues=2))

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from .runnerproc import REPO, RunnerProcess
+from .runnerproc import REPO, sh
 from .test_io import FIO_VERIFY, run_fio
 
 pytestmark = pytest.mark.device
@@ -37,13 +37,6 @@ def _cluster_module():
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
     return sys.modules[name]
-
-
-def sh(*cmd, check=True, timeout=600):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} -> {p.returncode}: {p.stdout}{p.stderr}")
-    return p
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +70,6 @@ def image(cluster):
         names.append(name)
         return name
     return make
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ext4_module():
-    subprocess.run(["modprobe", "ext4"], capture_output=True)
-
-
-@pytest.fixture
-def runner(tmp_path):
-    started = []
-
-    def start(yaml_text, **kw):
-        r = RunnerProcess(tmp_path, yaml_text, **kw)
-        started.append(r)
-        return r
-    yield start
-    for r in started:
-        assert r.stop() == 0, r.log()
 
 
 def rbd_device(cluster, image, name="r", queues=2, depth=64, **opts):

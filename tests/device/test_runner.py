@@ -8,37 +8,11 @@ import time
 
 import pytest
 
-from runner import ublk
 
-from .runnerproc import REPO, RunnerProcess
+from .runnerproc import REPO, sh
 from .test_io import run_fio
 
 pytestmark = pytest.mark.device
-
-
-def sh(*cmd, check=True):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}: {p.stdout}{p.stderr}")
-    return p
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ext4_module():
-    subprocess.run(["modprobe", "ext4"], capture_output=True)
-
-
-@pytest.fixture
-def runner(tmp_path):
-    started = []
-
-    def start(yaml_text, **kw):
-        r = RunnerProcess(tmp_path, yaml_text, **kw)
-        started.append(r)
-        return r
-    yield start
-    for r in started:
-        assert r.stop() == 0, r.log()
 
 
 def file_device(name, path, size="128M", queues=1, **opts):
