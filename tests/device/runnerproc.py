@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -18,6 +19,17 @@ def sh(*cmd, check=True, timeout=600) -> subprocess.CompletedProcess:
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} -> {p.returncode}: {p.stdout}{p.stderr}")
     return p
+
+
+def read_direct(path, offset: int, length: int) -> bytes:
+    """Read a device with O_DIRECT (no page cache), so the bytes come from the server."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, length)
+        n = os.preadv(fd, [buf], offset)
+        return buf[:n]
+    finally:
+        os.close(fd)
 
 
 class RunnerProcess:

@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from .runnerproc import REPO, sh
+from .runnerproc import REPO, read_direct, sh
 from .test_io import FIO_VERIFY, run_fio
 
 pytestmark = pytest.mark.device
@@ -94,16 +94,6 @@ def rbd_cli(cluster, *args, timeout=300):
     i = cluster.info()
     return sh("rbd", "--conf", i["conf"], "--id", i["client_id"], "--keyring", i["keyring"],
               *args, timeout=timeout)
-
-
-def read_direct(path, offset, length):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, length)
-        n = os.preadv(fd, [buf], offset)
-        return buf[:n]
-    finally:
-        os.close(fd)
 
 
 def flush_device(path):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 
-from .runnerproc import REPO, sh
+from .runnerproc import REPO, read_direct, sh
 from .test_io import run_fio
 
 pytestmark = pytest.mark.device
@@ -24,16 +24,6 @@ def file_device(name, path, size="128M", queues=1, **opts):
     queues: {queues}
     options:
       path: {path}{opts}"""
-
-
-def _read(path, offset, length):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, length)
-        n = os.preadv(fd, [buf], offset)
-        return buf[:n]
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("mode,direct", [("native", "false"), ("native", "true"), ("python", "false")])
@@ -65,7 +55,7 @@ def test_fio_verify_on_a_file_device_with_2_queues(runner, tmp_path, fio, mode):
     run_fio(fio, r.devices()["disk"]["block"])
     # what fio wrote is in the backing file: read it back through the device and compare
     img = (tmp_path / "d.img").read_bytes()[:1 << 20]
-    assert _read(r.devices()["disk"]["block"], 0, 1 << 20) == img
+    assert read_direct(r.devices()["disk"]["block"], 0, 1 << 20) == img
 
 
 def test_sighup_adds_removes_and_keeps_devices(runner, tmp_path):
@@ -85,7 +75,7 @@ def test_sighup_adds_removes_and_keeps_devices(runner, tmp_path):
     assert now["b"]["id"] == before["b"]["id"]          # untouched
     kernel_ids = {d["id"] for d in r.cli_json("kernel-list") if d["ours"]}
     assert kernel_ids == {now["b"]["id"], now["c"]["id"]}  # a was removed
-    assert _read(now["c"]["block"], 0, 4096) == bytes(4096)
+    assert read_direct(now["c"]["block"], 0, 4096) == bytes(4096)
 
 
 def test_list_json_matches_the_kernel(runner, tmp_path):
@@ -115,10 +105,10 @@ devices:
 """, extra_args=("--plugin", "tests.device.faulty_plugin"))
     devs = r.devices()
     with pytest.raises(OSError) as ei:
-        _read(devs["bad"]["block"], 1 << 20, 4096)
+        read_direct(devs["bad"]["block"], 1 << 20, 4096)
     assert ei.value.errno == errno.EIO
-    assert _read(devs["bad"]["block"], 0, 4096) == bytes(4096)   # the same device still serves
-    assert len(_read(devs["good"]["block"], 0, 4096)) == 4096    # and so do the others
+    assert read_direct(devs["bad"]["block"], 0, 4096) == bytes(4096)   # the same device still serves
+    assert len(read_direct(devs["good"]["block"], 0, 4096)) == 4096    # and so do the others
     assert "simulated backend failure" in r.log() and "device bad" in r.log()
     assert r.proc.poll() is None
 
@@ -151,7 +141,7 @@ devices:
     options: {fail_ops: [write], error: ENOSPC, latency_us: 2000}
 """)
     dev = r.devices()["n"]["block"]
-    assert len(_read(dev, 0, 4096)) == 4096
+    assert len(read_direct(dev, 0, 4096)) == 4096
     fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
     try:
         buf = mmap.mmap(-1, 4096)
@@ -187,7 +177,7 @@ devices:
     plugins = r.cli_json("plugins")
     sample = [p for p in plugins if "sample-mem" in (p.get("handlers") or ())]
     assert sample and sample[0]["distribution"] == "ublk-runner-sample-handler", plugins
-    assert _read(r.devices()["s"]["block"], 8192, 4096) == b"\xab" * 4096
+    assert read_direct(r.devices()["s"]["block"], 8192, 4096) == b"\xab" * 4096
 
 
 def test_prometheus_metrics_come_from_the_core_counters(runner):
@@ -202,7 +192,7 @@ devices:
 """)
     dev = r.devices()["n"]["block"]
     for i in range(5):
-        _read(dev, i * 4096, 4096)
+        read_direct(dev, i * 4096, 4096)
     import urllib.request
     text = urllib.request.urlopen("http://127.0.0.1:19477/metrics", timeout=30).read().decode()
     from prometheus_client.parser import text_string_to_metric_families
