@@ -129,6 +129,35 @@ class Queue:
         until something happens; a signal also returns early) for requests.  Returns them (maybe
         an empty list).  Raises :class:`QueueStopped` once the device is stopping and every tag
         has been aborted.  The GIL is released while waiting."""
+        ret = self._run(timeout)
+        if ret > 0:
+            return list(map(_make_request, _REQ.iter_unpack(self._out_buf[: ret * 24])))
+        return []
+
+    def wait_raw(self, timeout: float | None = None) -> int:
+        """:meth:`wait` without building Python objects: the requests stay in
+        :attr:`raw_requests` (the core's ``struct ubq_req[]``, valid until the next wait) and
+        the count is returned.  For handlers that serve a whole batch in native code (see
+        :meth:`native_api`)."""
+        return self._run(timeout)
+
+    @property
+    def raw_requests(self):
+        return self._out
+
+    def native_api(self) -> dict:
+        """Addresses (ints) for native code that completes this queue's requests itself: the
+        ``struct ubq *`` and the core's ``ubq_complete``, ``ubq_copy_to_req`` and
+        ``ubq_copy_from_req`` (all callable from any thread, see uring.h).  Valid until
+        :meth:`close`."""
+        def addr(x):
+            return int(ffi.cast("uintptr_t", x))
+        return {"queue": addr(self._q), "complete": addr(ffi.addressof(lib, "ubq_complete")),
+                "copy_to_req": addr(ffi.addressof(lib, "ubq_copy_to_req")),
+                "copy_from_req": addr(ffi.addressof(lib, "ubq_copy_from_req")),
+                "depth": self.depth}
+
+    def _run(self, timeout: float | None) -> int:
         tags, res = self._done_tags, self._done_res
         n_done = len(tags)
         ms = -1 if timeout is None else int(timeout * 1000)
@@ -139,10 +168,8 @@ class Queue:
             del res[:]
         else:
             ret = lib.ubq_run(self._q, ffi.NULL, ffi.NULL, 0, self._out, self._max_out, ms)
-        if ret > 0:
-            return list(map(_make_request, _REQ.iter_unpack(self._out_buf[: ret * 24])))
-        if ret == 0:
-            return []
+        if ret >= 0:
+            return ret
         if ret == -_errno.ENODEV:
             raise QueueStopped(f"queue {self.q_id} of ublk device {self.device.dev_id} stopped")
         raise OSError(-ret, f"io_uring wait on queue {self.q_id}: {_errno.errorcode.get(-ret)}")

@@ -67,6 +67,7 @@ class DeviceServer:
         self._serialize: threading.Lock | None = None
         self.is_async = False
         self.request_errors = 0
+        self.native_queues = 0  # queues whose batches the handler serves natively (attach_queue)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 30.0) -> None:
@@ -192,6 +193,12 @@ class DeviceServer:
         one = self._one
         serialize = self._serialize
         batch = getattr(self.handler, "handle_batch", None)
+        attach = getattr(self.handler, "attach_queue", None)
+        if attach is not None and serialize is None:
+            sub = attach(q)
+            if sub is not None:
+                self.native_queues += 1
+                return self._serve_native(q, sub)
         while True:
             reqs = q.wait(1.0)
             if not reqs:
@@ -207,6 +214,20 @@ class DeviceServer:
             finally:
                 if serialize:
                     serialize.release()
+
+    def _serve_native(self, q: Queue, sub) -> None:
+        """The handler's ``attach_queue(queue)`` returned a submitter: every batch goes to
+        ``sub.submit(queue.raw_requests, n)`` in one call, and native code completes each
+        request through the core (``queue.native_api()``); no request becomes a Python object.
+        ``sub.detach()`` runs once the queue has stopped."""
+        submit, raw, wait = sub.submit, q.raw_requests, q.wait_raw
+        try:
+            while True:
+                n = wait(1.0)
+                if n:
+                    submit(raw, n)
+        finally:
+            sub.detach()
 
     def _buffer(self, q: Queue, bufs: _Buffers | None, r: Request) -> memoryview:
         return bufs.get(r.tag, r.length) if bufs is not None else q.buffer(r)
@@ -375,7 +396,8 @@ class DeviceServer:
             "state": dev.refresh_info().state if dev else "STOPPED",
             "size": self.caps.get("size"), "queues": self.cfg.queues, "depth": self.cfg.depth,
             "mode": ("native-" + self.caps["native_target"][0]) if self.caps.get("native_target")
-            else "asyncio" if self.is_async else "python",
+            else "asyncio" if self.is_async else "python-native" if self.native_queues
+            else "python",
         }
 
 

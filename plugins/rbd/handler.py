@@ -184,6 +184,10 @@ class RbdHandler(Handler):
                                "with EIO (0: wait for the cluster to recover)"),
         "ceph_options": Opt(list[str], default=[],
                             help="extra Ceph settings as KEY=VALUE, e.g. rbd_cache=false"),
+        "native": Opt(bool, default=True,
+                      help="serve the device's requests in C through librbd's C API (the fast "
+                           "path); false: through the Python binding (one Python callback per "
+                           "request)"),
     }
     can_flush = True
     can_fua = True
@@ -229,10 +233,17 @@ class RbdHandler(Handler):
         except RbdError as e:
             raise OSError(e.errno or _errno.EIO, f"rbd: {e}") from e
         try:
-            return cls(options, device, backend)
+            h = cls(options, device, backend)
         except BaseException:
             backend.close(timeout=10)
             raise
+        h._native_args = dict(
+            client=options.get("client"), conf=options.get("conf"),
+            keyring=options.get("keyring"), timeout=options["timeout"],
+            pool=options["pool"], namespace=options.get("namespace"), image=options["image"],
+            snapshot=options.get("snapshot"), read_only=read_only,
+            options=parse_ceph_options(options.get("ceph_options")))
+        return h
 
     def __init__(self, options: dict[str, Any], device, backend=None):
         super().__init__(options, device)
@@ -264,9 +275,20 @@ class RbdHandler(Handler):
         self._stop = threading.Event()
         self._watchdog = None
         self.timed_out = 0
+        self.native = bool(options.get("native", True))
+        self._native_args: dict | None = None
+        self._engine = None            # native.Engine, opened by the first attach_queue
+        self._nqueues: list = []       # attached native.QueueSubmitter, under _nlock
+        self._nlock = threading.Lock()
+        self._native_failed = False
+        self._native_errors = 0        # engine errors already logged
         if self.io_timeout > 0:
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._watch, daemon=True,
-                                              name=f"rbd-watchdog-{device.name}")
+                                              name=f"rbd-watchdog-{self.device.name}")
             self._watchdog.start()
 
     # -- deadline ------------------------------------------------------------
@@ -283,8 +305,9 @@ class RbdHandler(Handler):
                 self._pending.pop(id(op), None)
 
     def _watch(self) -> None:
-        period = min(0.5, max(0.05, self.io_timeout / 4))
+        period = min(0.5, max(0.05, self.io_timeout / 4)) if self.io_timeout > 0 else 1.0
         while not self._stop.wait(period):
+            self._watch_native()
             now = time.monotonic()
             with self._plock:
                 late = [op for op in self._pending.values() if op.deadline <= now]
@@ -308,6 +331,58 @@ class RbdHandler(Handler):
             n = getattr(e, "errno", None)
             raise OSError(n if isinstance(n, int) and n > 0 else _errno.EIO, f"{what}: {e}") from e
         return op
+
+    # -- native data path ---------------------------------------------------------
+    def attach_queue(self, queue):
+        """Called by the runner on each queue thread: a submitter that serves the queue's
+        request batches in C (see rbdio.c), or None for the Python path (``native: false``,
+        the extension not built, or librbd's C API not loadable)."""
+        if not self.native or self._native_args is None or self._native_failed:
+            return None
+        from . import native
+        with self._nlock:
+            if self._engine is None:
+                try:
+                    self._engine = native.Engine.open(io_timeout=self.io_timeout,
+                                                      **self._native_args)
+                except Exception as e:  # noqa: BLE001 - the Python path still works
+                    self._native_failed = True
+                    log.warning("rbd %s: native data path unavailable, serving through the "
+                                "Python binding: %s", self.backend.spec, e)
+                    return None
+                log.info("rbd %s: native data path (librbd C API, own connection)",
+                         self.backend.spec)
+            deadline = self.io_timeout + WATCHDOG_GRACE if self.io_timeout > 0 else 0.0
+            sub = native.QueueSubmitter(self._engine, queue, deadline, self._detach)
+            self._nqueues.append(sub)
+        self._start_watchdog()
+        return sub
+
+    def _detach(self, sub) -> None:
+        with self._nlock:
+            if sub in self._nqueues:
+                self._nqueues.remove(sub)
+            sub.destroy()
+
+    def _watch_native(self) -> None:
+        eng = self._engine
+        if eng is None:
+            return
+        with self._nlock:
+            for sub in self._nqueues:
+                self.timed_out += sub.expire()
+        from .native import op_name
+        st = eng.stats()
+        if st["errors"] > self._native_errors:
+            n = st["errors"] - self._native_errors
+            self._native_errors = st["errors"]
+            err = -st["last_err"]
+            log.error("rbd %s: %d request(s) failed; last: %s at offset %d: %s (%d timed out "
+                      "so far)", self.backend.spec, n, op_name(st["last_op"]),
+                      st["last_off"], _errno.errorcode.get(err, err), st["timed_out"])
+
+    def native_stats(self) -> dict | None:
+        return self._engine.stats() if self._engine is not None else None
 
     # -- IO --------------------------------------------------------------------
     def read(self, offset: int, buf: memoryview) -> RbdOp:
@@ -336,4 +411,12 @@ class RbdHandler(Handler):
         # if the cluster is still gone leave the image open (closing would block) -- the
         # backend raises EBUSY then, which the runner logs.
         wait = max(30.0, 2 * self.io_timeout)
+        if self._engine is not None:
+            self._watch_native()  # log the last errors
+            if self._engine.close(timeout=wait):
+                self._engine = None
+            else:
+                log.error("rbd %s: %d native IOs still in librbd after %.0fs; leaving the "
+                          "native connection open", self.backend.spec,
+                          self._engine.inflight(), wait)
         self.backend.close(timeout=wait)
