@@ -100,10 +100,12 @@ class Bench:
             self.rows[rw].append((label, r))
 
     # ---- targets ------------------------------------------------------------------------------
-    def ublk(self, tmp):
+    def ublk(self, tmp, native=True):
         from tests.device.runnerproc import RunnerProcess
         i = self.info
         opts = "" if self.args.cache else '\n      ceph_options: ["rbd_cache=false"]'
+        if not native:
+            opts += "\n      native: false"
         r = RunnerProcess(Path(tmp), f"""
 devices:
   - name: rbdbench
@@ -118,9 +120,22 @@ devices:
       keyring: {i['keyring']}{opts}
 """)
         try:
-            run("taskset", "-a", "-p", "-c", str(SERVER_CPU), str(r.proc.pid))
-            dev = r.devices()["rbdbench"]["block"]
-            self.measure(f"ublk-runner rbd handler ({self.args.queues}q)", dev)
+            run("taskset", "-a", "-p", "-c", self.args.server_cpus, str(r.proc.pid))
+            d = r.devices()["rbdbench"]
+            path = "native C path" if native else "Python path"
+            label = f"ublk-runner rbd, {path} ({self.args.queues}q)"
+            print(f"  {label}: mode {d.get('mode')}", flush=True)
+            prof = None
+            if self.args.profile and shutil.which("py-spy"):
+                # sampling costs CPU on the server's CPU: profile runs are not benchmark runs
+                out = os.path.join(self.args.profile, f"pyspy-{'native' if native else 'python'}")
+                prof = subprocess.Popen(
+                    ["py-spy", "record", "--threads", "--native", "-r", "50", "-f", "raw",
+                     "-d", str(2 * self.args.runtime + 4), "-o", out + ".txt",
+                     "-p", str(r.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.measure(label, d["block"])
+            if prof is not None:
+                prof.wait(timeout=120)
         finally:
             rc = r.stop()
             if rc != 0:
@@ -143,7 +158,7 @@ devices:
             self.skipped.append("rbd-nbd: not installed (scripts/setup --bench)")
             return
         cache = [] if self.args.cache else ["--rbd_cache=false"]
-        p = run("taskset", "-c", str(SERVER_CPU), "rbd-nbd", "map", *self.ceph_args(), *cache,
+        p = run("taskset", "-c", self.args.server_cpus, "rbd-nbd", "map", *self.ceph_args(), *cache,
                 f"{self.info['pool']}/{self.image}", check=False, timeout=120)
         if p.returncode != 0:
             self.skipped.append(f"rbd-nbd: map failed: {p.stderr.strip()[-300:]}")
@@ -251,7 +266,8 @@ devices:
                 f"{self.info['pool']}/{self.image}", timeout=900)
             tmp = tempfile.mkdtemp(prefix="rbd-bench-")
             for name in self.args.targets.split(","):
-                {"ublk": lambda: self.ublk(tmp), "krbd": self.krbd, "nbd": self.nbd,
+                {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
+                 "krbd": self.krbd, "nbd": self.nbd,
                  "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
             c.down(purge=True)
@@ -277,7 +293,14 @@ def parse():
     ap.add_argument("--cache", action="store_true", help="keep librbd's default cache")
     ap.add_argument("--bench-total", type=int, default=64 * MiB,
                     help="bytes per 'rbd bench' run (it has no time limit)")
-    ap.add_argument("--targets", default="librbd,api,ublk,krbd,nbd")
+    ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
+                    help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
+                         "C path), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
+    ap.add_argument("--server-cpus", default=str(SERVER_CPU),
+                    help="CPU list (taskset) for the userspace servers (runner, rbd-nbd) and "
+                         "all their threads, librbd's included")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy record the runner during the ublk targets (perturbs them)")
     ap.add_argument("--json")
     return ap.parse_args()
 

@@ -1,10 +1,24 @@
 """The ``rbd`` handler: a Ceph RBD image as a ublk device, through librbd's asynchronous API.
 
-Every IO method submits one librbd ``aio_*`` call and returns a small future
-(``RbdOp``) that librbd's completion thread resolves; the runner hands the completion
-back to the queue thread (``DeviceServer._later``), so each queue keeps up to its depth of
-requests in flight. ``thread_model = "parallel"``: librbd's image handle is thread-safe and
-the handler keeps no per-request state outside the future.
+Two data paths:
+
+* native (the default, ``native: true``): the runner calls :meth:`RbdHandler.attach_queue` on
+  each queue thread and then hands every batch of requests to C (``rbdio.c``) in one call; C
+  submits them to librbd's C API and librbd's completion callback copies read data into the
+  request and completes it through the core (``ubq_complete``). No Python runs per request,
+  and librbd's threads never take the GIL. The image is opened a second time for this, on a
+  connection of its own (the Python binding does not expose its ``rbd_image_t``), after the
+  Python open below has checked every option and explained any error. If the extension
+  (``_rbdio``, built with the core) or librbd's C API is missing, the device falls back to
+  the Python path with a warning.
+* Python (``native: false``, and the handler API used without the runner): every IO method
+  submits one librbd ``aio_*`` call and returns a small future (``RbdOp``) that librbd's
+  completion thread resolves; the runner hands the completion back to the queue thread
+  (``DeviceServer._later``).
+
+Either way each queue keeps up to its depth of requests in flight. ``thread_model =
+"parallel"``: librbd's image handle is thread-safe and the handler keeps no per-request state
+outside the future (Python) or the per-tag op record (native).
 
 Configuration::
 
@@ -22,6 +36,7 @@ Configuration::
           timeout: 30             # connect + open bound, seconds
           io_timeout: 0           # per-request deadline, 0 = wait for the cluster
           ceph_options: ["rbd_cache=false"]
+          native: true            # false: Python data path (slower, see docs/performance.rst)
 
 Size comes from the image (a smaller ``size:`` in the config is honoured, a larger one is an
 error); the logical block size from the config (default 512), the physical block size is at
@@ -30,10 +45,15 @@ default) and ``max_discard_bytes`` are exposed as instance attributes for the ru
 
 Data path and copies:
 
-* read: ``Image.aio_read`` cannot read into a caller buffer (the binding allocates a
+* native path: librbd reads into a per-tag staging buffer and the callback copies it into
+  the request (``ubq_copy_to_req``: one ``pwrite`` on the ublk char device in user-copy
+  mode); a write is copied from the request into the staging buffer on the queue thread
+  and librbd copies it once more at submission. The staging buffer stays with an op that
+  the deadline failed until librbd lets go of it.
+* read (Python path): ``Image.aio_read`` cannot read into a caller buffer (the binding allocates a
   ``bytes`` per read, see backend.py), so the completion callback copies it once into the
   request's ublk buffer, then resolves the future. That memcpy is the only copy.
-* write: the binding wants ``bytes``; the request's read-only memoryview is copied once to
+* write (Python path): the binding wants ``bytes``; the request's read-only memoryview is copied once to
   bytes at submission (and librbd copies again internally: rbd_disable_zero_copy_writes).
 * flush -> ``aio_flush``; FUA write -> ``aio_write`` with LIBRADOS_OP_FLAG_FADVISE_FUA;
   discard -> ``aio_discard`` (advisory, below ``discard_granularity`` librbd keeps the data,
@@ -51,7 +71,9 @@ is the device's IO deadline: it is passed to librados as ``rados_osd_op_timeout`
 of that, a watchdog fails any request still pending ``io_timeout + grace`` seconds after
 submission with EIO (librbd can hold a request outside the OSD op timeout, e.g. while
 waiting for the exclusive lock). A read failed by the watchdog never touches its buffer
-afterwards: the late completion is dropped.
+afterwards: the late completion is dropped. The native path does the same in C
+(``rbdq_expire``, called by the same watchdog thread), which also logs native request errors
+(counted in C, reported about once a second: "N request(s) failed; last: ...").
 """
 from __future__ import annotations
 
@@ -355,7 +377,7 @@ class RbdHandler(Handler):
             deadline = self.io_timeout + WATCHDOG_GRACE if self.io_timeout > 0 else 0.0
             sub = native.QueueSubmitter(self._engine, queue, deadline, self._detach)
             self._nqueues.append(sub)
-        self._start_watchdog()
+            self._start_watchdog()  # deadlines and the error log of the native path
         return sub
 
     def _detach(self, sub) -> None:
