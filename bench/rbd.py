@@ -95,7 +95,18 @@ class Bench:
 
     def measure(self, label, path):
         for rw in ("randread", "randwrite"):
+            perf = None
+            if self.args.perf and shutil.which("perf"):
+                # system-wide CPU samples by thread, to see which CPU work each path costs
+                tag = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+                perf = subprocess.Popen(
+                    ["perf", "record", "-a", "-F", "199", "-o",
+                     os.path.join(self.args.perf, f"perf-{tag}-{rw}.data"), "--",
+                     "sleep", str(self.args.runtime)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             r = fio(path, rw=rw, runtime=self.args.runtime, iodepth=64)
+            if perf is not None:
+                perf.wait(timeout=120)
             print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us", flush=True)
             self.rows[rw].append((label, r))
 
@@ -103,7 +114,8 @@ class Bench:
     def ublk(self, tmp, native=True):
         from tests.device.runnerproc import RunnerProcess
         i = self.info
-        opts = "" if self.args.cache else '\n      ceph_options: ["rbd_cache=false"]'
+        copts = ([] if self.args.cache else ["rbd_cache=false"]) + self.args.librbd_opt
+        opts = f"\n      ceph_options: {json.dumps(copts)}" if copts else ""
         if not native:
             opts += "\n      native: false"
         r = RunnerProcess(Path(tmp), f"""
@@ -157,7 +169,8 @@ devices:
         if not shutil.which("rbd-nbd"):
             self.skipped.append("rbd-nbd: not installed (scripts/setup --bench)")
             return
-        cache = [] if self.args.cache else ["--rbd_cache=false"]
+        cache = ([] if self.args.cache else ["--rbd_cache=false"]) + \
+            [f"--{o}" for o in self.args.librbd_opt]
         p = run("taskset", "-c", self.args.server_cpus, "rbd-nbd", "map", *self.ceph_args(), *cache,
                 f"{self.info['pool']}/{self.image}", check=False, timeout=120)
         if p.returncode != 0:
@@ -170,7 +183,8 @@ devices:
             run("rbd-nbd", "unmap", dev, check=False, timeout=120)
 
     def rbd_bench(self):
-        cache = [] if self.args.cache else ["--rbd_cache=false"]
+        cache = ([] if self.args.cache else ["--rbd_cache=false"]) + \
+            [f"--{o}" for o in self.args.librbd_opt]
         for rw, io_type in (("randread", "read"), ("randwrite", "write")):
             t0 = time.monotonic()
             p = run("taskset", "-c", str(FIO_CPU), "rbd", "bench", *self.ceph_args(), *cache,
@@ -197,8 +211,8 @@ devices:
         i = self.info
         raw = dict(pool=i["pool"], image=self.image, conf=i["conf"], client=i["client_id"],
                    keyring=i["keyring"])
-        if not self.args.cache:
-            raw["ceph_options"] = ["rbd_cache=false"]
+        raw["ceph_options"] = ([] if self.args.cache else ["rbd_cache=false"]) + \
+            self.args.librbd_opt
         opts, errors = validate_options(RbdHandler.options_schema, raw)
         assert not errors, errors
         os.sched_setaffinity(0, {SERVER_CPU})
@@ -273,6 +287,7 @@ devices:
             c.down(purge=True)
         ref = self.rows["randread"][0][0] if self.rows["randread"] else None
         cache = "librbd cache on (writearound)" if self.args.cache else "rbd_cache=false"
+        cache = ", ".join([cache] + self.args.librbd_opt)
         for rw in ("randread", "randwrite"):
             if self.rows[rw]:
                 print()
@@ -299,6 +314,11 @@ def parse():
     ap.add_argument("--server-cpus", default=str(SERVER_CPU),
                     help="CPU list (taskset) for the userspace servers (runner, rbd-nbd) and "
                          "all their threads, librbd's included")
+    ap.add_argument("--librbd-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Ceph option for every librbd-based target alike (handler, rbd-nbd, "
+                         "rbd bench, api), e.g. rbd_non_blocking_aio=false; repeatable")
+    ap.add_argument("--perf", metavar="DIR",
+                    help="perf record -a during every fio run (perturbs it a little)")
     ap.add_argument("--profile", metavar="DIR",
                     help="py-spy record the runner during the ublk targets (perturbs them)")
     ap.add_argument("--json")
