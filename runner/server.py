@@ -8,6 +8,8 @@ Request paths, chosen once when the device starts:
 - sync: the queue thread calls ``read``/``write``/... in place; a method may instead return a
   ``concurrent.futures.Future`` (or anything with ``add_done_callback``) that its own library
   resolves later on any thread, and the core hands that completion back to the queue thread;
+  or, when the handler's ``attach_queue(queue)`` returns a submitter, each batch goes to its
+  native code in one call and Python never sees a request (``DeviceServer._serve_native``);
 - asyncio: when the handler's IO methods are coroutine functions, each queue thread runs an
   event loop and every request is a task (:func:`runner.aio.serve`).
 """

@@ -2,7 +2,7 @@
 
 Two data paths:
 
-* native (the default, ``native: true``): the runner calls :meth:`RbdHandler.attach_queue` on
+* native (the default, ``native: true``): the runner calls ``RbdHandler.attach_queue`` on
   each queue thread and then hands every batch of requests to C (``rbdio.c``) in one call; C
   submits them to librbd's C API and librbd's completion callback copies read data into the
   request and completes it through the core (``ubq_complete``). No Python runs per request,
