@@ -435,7 +435,13 @@ class RbdHandler(Handler):
         wait = max(30.0, 2 * self.io_timeout)
         if self._engine is not None:
             self._watch_native()  # log the last errors
-            if self._engine.close(timeout=wait):
+            with self._nlock:
+                attached = len(self._nqueues)
+            if attached:
+                # a queue thread that never exited may still submit: keep the engine
+                log.error("rbd %s: %d queue(s) still attached; leaving the native connection "
+                          "open", self.backend.spec, attached)
+            elif self._engine.close(timeout=wait):
                 self._engine = None
             else:
                 log.error("rbd %s: %d native IOs still in librbd after %.0fs; leaving the "
