@@ -14,20 +14,23 @@ Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --ben
 
     tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
 
-Measured (2026-11-28, TCG guest on 2 host cores shared with other sessions' VMs; two runs, IOPS;
-ratio to ``rbd bench``)::
+Measured (2026-11-29, TCG guest on 2 host cores shared with other sessions' VMs; runs A and B
+of the final code, IOPS and ratio to ``rbd bench``; docs/performance.rst has the whole story)::
 
-    target                               randread        randwrite
-    rbd bench (librbd C++)               346 / 559       145 / 297
-    handler API, no kernel (run 2 only)  - / 170 (0.31)  - / 159 (0.54)
-    ublk-runner rbd handler, 1 queue     75 (0.22) / 54 (0.10)   63 (0.43) / 56 (0.19)
-    krbd                                 326 (0.94) / 333 (0.60) 160 (1.10) / 133 (0.45)
-    rbd-nbd                              42 (0.12) / 121 (0.22)  30 (0.21) / 72 (0.24)
+    target                               randread                randwrite
+    rbd bench (librbd C++)               400 / 344               156 / 165
+    handler, native C path, 1 queue      149 (0.37) / 200 (0.58)  74 (0.48) / 83 (0.50)
+    handler, native: false (Python)       41 (0.10) /  36 (0.10)  57 (0.36) / 41 (0.25)
+    handler API, no kernel (Python)       56 (0.14) /  82 (0.24)  59 (0.37) / 53 (0.32)
+    krbd                                 311 (0.78) / 339 (0.99) 168 (1.07) / 92 (0.56)
+    rbd-nbd                              168 (0.42) / 122 (0.36)  72 (0.46) / 65 (0.39)
 
-Under TCG every path is CPU-bound (``rbd bench`` itself manages ~350-560 IOPS); the handler's
-Python per request (queue thread + completion callback + user-copy syscalls, all on CPU 0 with
-librbd's own threads) is what separates it from the API row. On the host (no VM, no kernel)
-the handler API reaches 0.65x (read) / 0.52x (write) of ``rbd bench``.
+The native path (plugins/rbd/rbdio.c) takes each batch from the ring to librbd's C API in one
+call and completes from librbd's callback through the core, with no Python per request; the
+Python path pays a Python call per request on the queue thread plus a GIL-taking Python
+callback on librbd's thread, and its API alone (no kernel) stays below 0.25 of ``rbd bench``
+for reads. krbd stays ahead: its client is in the kernel, while every librbd-based path pays
+librbd's own CPU cost (the bulk under TCG) on the server's vCPU.
 
 tcmu-runner's rbd handler is not measured: it needs LIO (target_core_user, tcm_loop and a
 targetcli-made configfs tree) and tcmu-runner registers its handlers over the system D-Bus,
