@@ -27,7 +27,8 @@ def cmd_run(args) -> int:
     try:
         g = load_global(args.config)
         setup_logging(args.log_level or g.log_level, g.log_target)
-        runner = Runner(args.config, extra_plugins=args.plugin, socket_path=args.socket)
+        runner = Runner(args.config, extra_plugins=args.plugin, socket_path=args.socket,
+                        state_dir=args.state_dir)
     except ConfigError as e:
         print(f"ublk-runner: {e}", file=sys.stderr)
         return 2
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "serve every device of a configuration file", socket_flag=True, plugin_flag=True)
     p.add_argument("-c", "--config", required=True, help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--state-dir", help="where the device table for recovery lives (default: the config's "
+                   "runner.state_dir, /run/ublk-runner)")
     p = add("check-config", cmd_check_config, "validate a configuration file without touching the kernel",
             plugin_flag=True)
     p.add_argument("config", help="YAML configuration file")

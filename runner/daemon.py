@@ -1,6 +1,11 @@
 """The runner process: load plugins and the configuration, serve every device, answer the
 control socket, reload on SIGHUP, drain and remove everything on SIGTERM/SIGINT.
 
+Recovery: every device the runner serves is recorded in the state file (:mod:`runner.state`).
+A runner that starts and finds its device QUIESCED there (the previous runner died: SIGKILL, a
+crash, or SIGQUIT, which exits on purpose without removing devices, for upgrades) takes it over
+with user recovery: same ``/dev/ublkbN``, and IO the kernel held meanwhile is served.
+
 Threads: the main thread owns the configuration and handles signals; each device's queues have
 their own threads (:mod:`runner.server`); the control socket has one thread, which forwards
 requests that change devices to the main thread so that starts and stops never race.
@@ -20,6 +25,7 @@ import threading
 import time
 
 from . import config as _config
+from . import state as _state
 from .errors import ConfigError
 from .plugins import load_plugins
 from .server import DeviceFailed, DeviceServer
@@ -55,7 +61,8 @@ def setup_logging(level: str, target: str) -> None:
 
 
 class Runner:
-    def __init__(self, config_path: str, *, extra_plugins=(), socket_path: str | None = None):
+    def __init__(self, config_path: str, *, extra_plugins=(), socket_path: str | None = None,
+                 state_dir: str | None = None):
         self.config_path = config_path
         g = _config.load_global(config_path)
         self.plugins = load_plugins(g.plugins.autoload, g.plugins.block, extra_plugins)
@@ -63,6 +70,10 @@ class Runner:
             log.error("%s", failure)
         self.config = _config.load_config(config_path, self.plugins.registry)
         self.socket_path = socket_path or self.config.global_.control_socket
+        self.state = _state.StateFile(state_dir or self.config.global_.state_dir)
+        for problem in self.state.problems:
+            log.warning("state: %s", problem)
+        self._detach = threading.Event()
         self.servers: dict[str, DeviceServer] = {}
         self.failed: dict[str, str] = {}
         self.runtime_added: set[str] = set()
@@ -73,13 +84,39 @@ class Runner:
 
     # ---------------------------------------------------------------- devices
     def start_device(self, cfg) -> DeviceServer | None:
+        digest = _config.recovery_digest(cfg)
+        recover_id = None
+        entry = self.state.get(cfg.name)
+        if entry is not None:
+            try:
+                action, why = _state.classify(entry, digest)
+            except Exception as e:  # noqa: BLE001 - the kernel would not tell: do not guess
+                action, why = _state.BUSY, f"cannot ask the kernel about device {entry.dev_id}: {e}"
+            if action == _state.RECOVER:
+                log.info("device %s: %s; recovering it", cfg.name, why)
+                recover_id = entry.dev_id
+            elif action == _state.BUSY:
+                log.error("device %s: not started: %s", cfg.name, why)
+                self.failed[cfg.name] = why
+                return None
+            else:
+                if action == _state.REPLACE:
+                    log.warning("device %s: %s; deleting it and creating a new device", cfg.name, why)
+                    _state.discard_device(entry.dev_id)
+                else:
+                    log.warning("device %s: state entry dropped: %s", cfg.name, why)
+                self.state.drop(cfg.name)
         srv = DeviceServer(cfg, self.plugins.registry[cfg.handler], self.plugins)
         try:
-            srv.start(timeout=max(30.0, cfg.request_timeout))
+            srv.start(timeout=max(30.0, cfg.request_timeout), recover_id=recover_id)
         except DeviceFailed as e:
             log.error("%s", e)
             self.failed[cfg.name] = str(e)
+            if recover_id is not None:
+                self.state.drop(cfg.name)
             return None
+        self.state.put(_state.Entry(name=cfg.name, dev_id=srv.dev_id, digest=digest, pid=os.getpid(),
+                                    handler=cfg.handler))
         self.failed.pop(cfg.name, None)
         self.servers[cfg.name] = srv
         self.plugins.notify("ublk_runner_device_started", device=srv)
@@ -91,7 +128,28 @@ class Runner:
         if srv is None:
             return
         srv.stop()
+        self.state.drop(name)
         self.plugins.notify("ublk_runner_device_stopped", device=srv)
+
+    def forget_orphans(self) -> None:
+        """Devices in the state file that the configuration no longer names: nobody will recover
+        them, so delete those no live process serves."""
+        names = {d.name for d in self.config.devices}
+        for name, entry in list(self.state.entries.items()):
+            if name in names:
+                continue
+            try:
+                action, why = _state.classify(entry, "")
+            except Exception as e:  # noqa: BLE001
+                log.error("state: device %s (id %d) is no longer configured; left alone: %s", name, entry.dev_id, e)
+                continue
+            if action == _state.BUSY:
+                log.warning("state: device %s is no longer configured but %s; left alone", name, why)
+                continue
+            if action in (_state.RECOVER, _state.REPLACE):
+                log.warning("state: device %s (id %d) is no longer configured; deleting it", name, entry.dev_id)
+                _state.discard_device(entry.dev_id)
+            self.state.drop(name)
 
     def reload(self) -> None:
         try:
@@ -193,7 +251,9 @@ class Runner:
         signal.signal(signal.SIGTERM, lambda *a: self._stop.set())
         signal.signal(signal.SIGINT, lambda *a: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
+        signal.signal(signal.SIGQUIT, lambda *a: (self._detach.set(), self._stop.set()))
         self._start_socket()
+        self.forget_orphans()
         m = self.config.global_.metrics
         if m.prometheus_port:
             from .metrics import start_exporter
@@ -218,6 +278,8 @@ class Runner:
                 reply.put((True, self._apply_change(req)))
             except Exception as e:  # noqa: BLE001
                 reply.put((False, str(e).strip("'\"")))
+        if self._detach.is_set():
+            return self._detach_exit()
         log.info("stopping %d device(s)", len(self.servers))
         for name in list(self.servers):
             self.stop_device(name)
@@ -230,6 +292,26 @@ class Runner:
                 pass
         log.info("stopped")
         return 0
+
+
+    def _detach_exit(self) -> int:
+        """SIGQUIT: leave every recoverable device QUIESCED for the next runner (an upgrade
+        without unmounting) and exit at once.  The kernel holds new IO; requests in flight are
+        reissued (or failed, recovery: requeue) when the next runner takes over."""
+        keep = [n for n, s in self.servers.items() if s.recovery_mode]
+        for name in [n for n in self.servers if n not in keep]:
+            self.stop_device(name)
+        log.warning("detaching (SIGQUIT): leaving %d device(s) for the next runner to recover: %s",
+                    len(keep), ", ".join(f"{n}=/dev/ublkb{self.servers[n].dev_id}" for n in keep) or "-")
+        if self._sock_server:
+            self._sock_server.server_close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)  # no atexit: it would delete the devices
 
 
 def control_request(socket_path: str, req: dict, timeout: float = 310.0):

@@ -14,6 +14,7 @@ Request paths, chosen once when the device starts:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import inspect
 import logging
@@ -66,18 +67,16 @@ class DeviceServer:
         self._lock = threading.Lock()
         self._serialize: threading.Lock | None = None
         self.is_async = False
+        self.recovered = False
         self.request_errors = 0
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, recover_id: int | None = None) -> None:
+        """Open the handler, create the device (or take over the QUIESCED device ``recover_id``
+        left by a dead runner), start one thread per queue and start the device."""
         cfg = self.cfg
-        spec = cfg.spec()
-        try:
-            self.handler = self.handler_cls.open(dict(cfg.options), spec)
-            self.caps = check_instance(self.handler, spec)
-        except Exception as e:
-            self._close_handler()
-            raise DeviceFailed(f"device {self.name!r}: handler {cfg.handler!r} failed to open: {e}") from e
+        t0 = time.monotonic()
+        self._open_handler(recover_id)
         h, caps = self.handler, self.caps
         self.is_async = caps["native_target"] is None and any(
             inspect.iscoroutinefunction(getattr(h, m, None)) for m in IO_METHODS)
@@ -86,22 +85,28 @@ class DeviceServer:
         user_copy = None if cfg.user_copy == "auto" else bool(cfg.user_copy)
         discard = caps["can_discard"] or caps["can_write_zeroes"]
         try:
-            self.device = Device.add(
-                caps["size"], dev_id=cfg.id, queues=cfg.queues, depth=cfg.depth,
-                max_io_bytes=cfg.max_io_size, user_copy=user_copy,
-                recovery=None if cfg.recovery == "none" else cfg.recovery, timeout=timeout,
-                logical_block_size=caps["logical_block_size"],
-                physical_block_size=caps["physical_block_size"],
-                read_only=not caps["can_write"], volatile_cache=caps["can_flush"],
-                fua=caps["can_fua"] and caps["can_flush"],
-                chunk_bytes=int(getattr(h, "chunk_size", 0) or 0),
-                discard_granularity=int(getattr(h, "discard_granularity", 0) or
-                                        max(4096, caps["logical_block_size"])) if discard else 0,
-                max_discard_bytes=int(getattr(h, "max_discard_bytes", 0) or (1 << 30)) if caps["can_discard"] else 0,
-                max_write_zeroes_bytes=(1 << 30) if caps["can_write_zeroes"] else 0,
-            )
+            if recover_id is not None:
+                self.device = Device.recover(recover_id, timeout=timeout, size=caps["size"],
+                                             queues=cfg.queues, depth=cfg.depth)
+            else:
+                self.device = Device.add(
+                    caps["size"], dev_id=cfg.id, queues=cfg.queues, depth=cfg.depth,
+                    max_io_bytes=cfg.max_io_size, user_copy=user_copy,
+                    recovery=self.recovery_mode, timeout=timeout,
+                    logical_block_size=caps["logical_block_size"],
+                    physical_block_size=caps["physical_block_size"],
+                    read_only=not caps["can_write"], volatile_cache=caps["can_flush"],
+                    fua=caps["can_fua"] and caps["can_flush"],
+                    chunk_bytes=int(getattr(h, "chunk_size", 0) or 0),
+                    discard_granularity=int(getattr(h, "discard_granularity", 0) or
+                                            max(4096, caps["logical_block_size"])) if discard else 0,
+                    max_discard_bytes=int(getattr(h, "max_discard_bytes", 0) or (1 << 30)) if caps["can_discard"] else 0,
+                    max_write_zeroes_bytes=(1 << 30) if caps["can_write_zeroes"] else 0,
+                )
         except Exception as e:
             self._close_handler()
+            if recover_id is not None:
+                self._give_up(recover_id, f"taking it over failed: {e}")
             raise DeviceFailed(f"device {self.name!r}: {e}") from e
         try:
             ready = []
@@ -122,10 +127,53 @@ class DeviceServer:
             self._teardown(timeout)
             raise DeviceFailed(f"device {self.name!r}: starting failed: {e}") from e
         self.started_at = time.time()
-        log.info("device %s: serving %s (%d bytes, handler %s, %d queue(s), %s)", self.name,
-                 self.device.block_path, caps["size"], cfg.handler, cfg.queues,
+        self.recovered = recover_id is not None
+        log.info("device %s: %s %s in %.2f s (%d bytes, handler %s, %d queue(s), %s, recovery %s)",
+                 self.name, "recovered" if self.recovered else "serving", self.device.block_path,
+                 time.monotonic() - t0, caps["size"], cfg.handler, cfg.queues,
                  "native " + caps["native_target"][0] if caps["native_target"] else
-                 "asyncio" if self.is_async else "threads")
+                 "asyncio" if self.is_async else "threads", self.recovery_mode or "none")
+
+    @property
+    def recovery_mode(self) -> str | None:
+        """The device's user-recovery mode: None, "requeue" or "reissue" ("auto" resolved)."""
+        mode = self.cfg.recovery
+        if mode == "auto":
+            mode = "reissue" if getattr(self.handler_cls, "idempotent_writes", False) else "requeue"
+        return None if mode == "none" else mode
+
+    def _open_handler(self, recover_id: int | None) -> None:
+        """Open the handler.  When recovering, a failing open is retried for ``recovery_grace``
+        seconds (the backend may come back: a remounted share, a restarted server); after that the
+        QUIESCED device is stopped and deleted, so its readers get errors instead of waiting forever."""
+        cfg = self.cfg
+        spec = dataclasses.replace(cfg.spec(), recovering=recover_id is not None)
+        deadline = time.monotonic() + (cfg.recovery_grace if recover_id is not None else 0)
+        while True:
+            try:
+                self.handler = self.handler_cls.open(dict(cfg.options), spec)
+                self.caps = check_instance(self.handler, spec)
+                return
+            except Exception as e:
+                self._close_handler()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if recover_id is not None:
+                        self._give_up(recover_id, f"handler {cfg.handler!r} could not reopen its backend "
+                                                  f"within recovery_grace={cfg.recovery_grace:g} s: {e}")
+                    raise DeviceFailed(f"device {self.name!r}: handler {cfg.handler!r} failed to open: {e}") from e
+                log.warning("device %s: recovering device %d: handler %r failed to open (%s); retrying for "
+                            "%.0f s more", self.name, recover_id, cfg.handler, e, left)
+                time.sleep(min(1.0, left))
+
+    def _give_up(self, dev_id: int, why: str) -> None:
+        from .state import discard_device
+        log.error("device %s: cannot recover /dev/ublkb%d: %s; stopping and deleting it, so IO "
+                  "waiting on it fails instead of hanging", self.name, dev_id, why)
+        try:
+            discard_device(dev_id)
+        except Exception as e:  # noqa: BLE001 - reported, the runner goes on
+            log.error("device %s: deleting device %d failed: %s", self.name, dev_id, e)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.device is None:
