@@ -127,7 +127,9 @@ class Runner:
         self.failed.pop(name, None)
         if srv is None:
             return
+        t0 = time.monotonic()
         srv.stop()
+        log.info("device %s: stopped and deleted in %.2f s", name, time.monotonic() - t0)
         self.state.drop(name)
         self.plugins.notify("ublk_runner_device_stopped", device=srv)
 

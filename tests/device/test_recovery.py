@@ -6,6 +6,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -55,7 +56,8 @@ class Repeat(threading.Thread):
 def fio_verify(fio, dev, size="16M"):
     return (fio, "--name=verify", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
             "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--verify=crc32c",
-            "--do_verify=1", "--verify_fatal=1", "--verify_backlog=256")
+            "--do_verify=1", "--verify_fatal=1", "--verify_backlog=256", "--rate_iops=300",
+            "--allow_file_create=0")
 
 
 def report(figures: dict) -> None:
@@ -109,13 +111,14 @@ def test_kill9_under_load_20_times(runner, tmp_path, fio):
             os.sync()
             copies.append(dst)
             n += 1
+            time.sleep(0.5)
 
     stop_writer = threading.Event()
     w = threading.Thread(target=writer, daemon=True)
     loads = [Repeat(*fio_verify(fio, blocks["fpy"])), Repeat(*fio_verify(fio, blocks["fnat"])),
              Repeat(fio, "--name=null", f"--filename={blocks['nul']}", "--ioengine=io_uring",
                     "--direct=1", "--rw=randrw", "--bs=4k", "--iodepth=32", "--size=256M",
-                    "--io_size=16M")]
+                    "--io_size=16M", "--rate_iops=300", "--allow_file_create=0")]
     rng = random.Random(0x75626C6B)
     recoveries, kill_to_live = 0, []
     try:
@@ -128,13 +131,15 @@ def test_kill9_under_load_20_times(runner, tmp_path, fio):
             assert all(wait_state(dev_id, "QUIESCED") for dev_id in ids.values()), \
                 f"kill {i}: not every device QUIESCED: {ublk.list_devices()}"
             r = runner(None)
-            now = r.devices()
-            assert {n: d["block"] for n, d in now.items()} == blocks, f"kill {i}:\n{r.log()}"
+            now = {d["name"]: d["block"] for d in r.ready["ready"]}
+            assert now == blocks, f"kill {i}:\n{r.log()}"
             assert not r.ready["failed"], r.ready
             assert all(ublk.device_info(dev_id).state == "LIVE" for dev_id in ids.values())
             assert r.log().count("recovering it") == len(ids), r.log()
             recoveries += len(ids)
             kill_to_live.append(time.monotonic() - t_kill)
+            print(f"kill {i}: LIVE again after {kill_to_live[-1]:.1f} s (runner ready after "
+                  f"{r.ready_after:.1f} s)", file=sys.stderr, flush=True)
     finally:
         stop_writer.set()
         w.join(600)
