@@ -62,13 +62,20 @@ def setup_logging(level: str, target: str) -> None:
 
 class Runner:
     def __init__(self, config_path: str, *, extra_plugins=(), socket_path: str | None = None,
-                 state_dir: str | None = None):
+                 state_dir: str | None = None, only: str | None = None, worker: bool = False):
         self.config_path = config_path
         g = _config.load_global(config_path)
         self.plugins = load_plugins(g.plugins.autoload, g.plugins.block, extra_plugins)
         for failure in self.plugins.errors:
             log.error("%s", failure)
         self.config = _config.load_config(config_path, self.plugins.registry)
+        self.extra_plugins = tuple(extra_plugins)
+        self.only, self.worker = only, worker
+        if only is not None:
+            # a worker process (runner.supervisor), or a manual run of one device
+            if not any(d.name == only for d in self.config.devices):
+                raise ConfigError(f"{config_path}: no device named {only!r} (--only)")
+            self.config.devices = [d for d in self.config.devices if d.name == only]
         self.socket_path = socket_path or self.config.global_.control_socket
         self.state = _state.StateFile(state_dir or self.config.global_.state_dir)
         for problem in self.state.problems:
@@ -84,6 +91,8 @@ class Runner:
 
     # ---------------------------------------------------------------- devices
     def start_device(self, cfg) -> DeviceServer | None:
+        if cfg.isolate and self.only is None:
+            return self._start_worker(cfg)
         digest = _config.recovery_digest(cfg)
         recover_id = None
         entry = self.state.get(cfg.name)
@@ -107,6 +116,7 @@ class Runner:
                     log.warning("device %s: state entry dropped: %s", cfg.name, why)
                 self.state.drop(cfg.name)
         srv = DeviceServer(cfg, self.plugins.registry[cfg.handler], self.plugins)
+        srv.exit_on_stall = self.worker
         try:
             srv.start(timeout=max(30.0, cfg.request_timeout), recover_id=recover_id)
         except DeviceFailed as e:
@@ -121,6 +131,27 @@ class Runner:
         self.servers[cfg.name] = srv
         self.plugins.notify("ublk_runner_device_started", device=srv)
         return srv
+
+    def _start_worker(self, cfg):
+        from .supervisor import WorkerDevice
+        srv = WorkerDevice(cfg, self)
+        try:
+            srv.start(timeout=max(120.0, cfg.request_timeout))
+        except DeviceFailed as e:
+            log.error("%s", e)
+            self.failed[cfg.name] = str(e)
+            return None
+        self.failed.pop(cfg.name, None)
+        self.servers[cfg.name] = srv
+        log.info("device %s: served by worker pid %d (%s)", cfg.name, srv.proc.pid, srv.info.get("block"))
+        self.plugins.notify("ublk_runner_device_started", device=srv)
+        return srv
+
+    def worker_failed(self, name: str, reason: str) -> None:
+        """A worker gave up on its device (called from its monitor thread)."""
+        if self.servers.get(name) is not None:
+            self.servers.pop(name, None)
+            self.failed[name] = reason
 
     def stop_device(self, name: str) -> None:
         srv = self.servers.pop(name, None)
@@ -156,6 +187,8 @@ class Runner:
     def reload(self) -> None:
         try:
             new = _config.load_config(self.config_path, self.plugins.registry)
+            if self.only is not None:
+                new.devices = [d for d in new.devices if d.name == self.only]
         except ConfigError as e:
             log.error("reload of %s refused, keeping the running configuration:\n%s", self.config_path, e)
             return
@@ -249,11 +282,22 @@ class Runner:
         threading.Thread(target=self._sock_server.serve_forever, daemon=True, name="control-socket").start()
 
     # ---------------------------------------------------------------- main loop
+    @staticmethod
+    def protect_from_oom() -> None:
+        """A block-device server the OOM killer picks cannot write back the dirty pages that would
+        free memory: the deadlock ublksrv avoids the same way.  Workers inherit the setting."""
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("-1000")
+        except OSError as e:
+            log.warning("cannot exempt the runner from the OOM killer (/proc/self/oom_score_adj): %s", e)
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *a: self._stop.set())
         signal.signal(signal.SIGINT, lambda *a: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
         signal.signal(signal.SIGQUIT, lambda *a: (self._detach.set(), self._stop.set()))
+        self.protect_from_oom()
         self._start_socket()
         self.forget_orphans()
         m = self.config.global_.metrics
@@ -268,6 +312,9 @@ class Runner:
                  len(self.failed), self.socket_path)
         print(json.dumps({"ready": [s.describe() for s in self.servers.values()], "failed": self.failed}),
               flush=True)
+        if self.worker and self.failed:
+            from .supervisor import EXIT_DEVICE_FAILED
+            return EXIT_DEVICE_FAILED
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
@@ -303,6 +350,9 @@ class Runner:
         keep = [n for n, s in self.servers.items() if s.recovery_mode]
         for name in [n for n in self.servers if n not in keep]:
             self.stop_device(name)
+        for srv in self.servers.values():
+            if hasattr(srv, "detach"):
+                srv.detach()
         log.warning("detaching (SIGQUIT): leaving %d device(s) for the next runner to recover: %s",
                     len(keep), ", ".join(f"{n}=/dev/ublkb{self.servers[n].dev_id}" for n in keep) or "-")
         if self._sock_server:

@@ -477,7 +477,7 @@ class DeviceServer:
                     if cell and now - tr.starts[tag] > limit:
                         self._expire(tr, tag, cell, limit)
                 stuck = now - tr.heartbeat
-                if stuck > limit + 2 and not tr.stalled and any(tr.cells):
+                if stuck > limit + 2 and not tr.stalled:  # it returns to wait() at least every second
                     tr.stalled = True
                     log.error("device %s queue %d: the queue thread has been inside handler %r for %.0f s; "
                               "its requests cannot complete until it returns%s", self.name, tr.q.q_id,

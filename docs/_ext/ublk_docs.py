@@ -186,8 +186,10 @@ def _device_descriptions():
                             "and the request; the device goes on serving. Privileged ublk devices have no "
                             "kernel request timeout on 6.12, so this is the only one. Device start and control "
                             "commands wait the larger of this and 30 s."),
-        "isolate": ("a boolean", "", "Reserved: serve the device from its own process. Validated, not "
-                    "implemented yet (every device runs in the runner process)."),
+        "isolate": ("a boolean", "",
+                    "Serve the device from its own worker process, restarted (and the device recovered) "
+                    "by the runner when it dies; a handler that crashes or deadlocks then takes down only "
+                    "its own device. See :ref:`isolation`."),
         "user_copy": ("``auto``, ``true`` or ``false``", "",
                       "Data path: ``auto`` uses USER_COPY when the kernel has it (6.5+), else buffer mode; "
                       "``true`` requires it; ``false`` forces buffer mode. See :ref:`buffer-modes`."),
