@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from . import ublk
@@ -27,7 +26,11 @@ def cmd_run(args) -> int:
     try:
         g = load_global(args.config)
         setup_logging(args.log_level or g.log_level, g.log_target)
-        runner = Runner(args.config, extra_plugins=args.plugin, socket_path=args.socket)
+        if args.worker:
+            from .supervisor import become_worker
+            become_worker()
+        runner = Runner(args.config, extra_plugins=args.plugin, socket_path=args.socket,
+                        state_dir=args.state_dir, only=args.only, worker=args.worker)
     except ConfigError as e:
         print(f"ublk-runner: {e}", file=sys.stderr)
         return 2
@@ -176,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "serve every device of a configuration file", socket_flag=True, plugin_flag=True)
     p.add_argument("-c", "--config", required=True, help="YAML configuration file")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--state-dir", help="where the device table for recovery lives (default: the config's "
+                   "runner.state_dir, /run/ublk-runner)")
+    p.add_argument("--only", metavar="NAME", help="serve only this device of the configuration "
+                   "(what an isolated device's worker process runs)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p = add("check-config", cmd_check_config, "validate a configuration file without touching the kernel",
             plugin_flag=True)
     p.add_argument("config", help="YAML configuration file")

@@ -24,8 +24,10 @@ File layout (see ``conf/example.yaml``)::
         physical_block_size: 512 # power of two >= block_size, <= 64K (default block_size)
         max_io_size: 1M          # multiple of 4K, 4K..32M
         read_only: false
-        recovery: none           # none | requeue | reissue
-        request_timeout: 30      # seconds (> 0)
+        recovery: auto           # auto | none | requeue | reissue (auto: reissue if the
+                                 #   handler declares idempotent writes, else requeue)
+        recovery_grace: 30       # seconds a QUIESCED device waits for its backend on recovery
+        request_timeout: 30      # seconds (> 0): a request's deadline, and control timeouts
         isolate: false           # serve this device from its own process
         user_copy: auto          # auto | true | false
         options: {}              # the handler's own options (its options_schema)
@@ -78,6 +80,7 @@ __all__ = [
     "PluginsConfig",
     "ReloadPlan",
     "device_digest",
+    "recovery_digest",
     "reload_plan",
     "load_config",
     "validate",
@@ -87,7 +90,7 @@ GLOBAL_SECTION = "runner"
 DEFAULT_STATE_DIR = "/run/ublk-runner"
 DEFAULT_CONTROL_SOCKET = "/run/ublk-runner/control.sock"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-RECOVERY_MODES = ("none", "requeue", "reissue")
+RECOVERY_MODES = ("auto", "none", "requeue", "reissue")
 MAX_DEVICE_ID = (1 << 20) - 1  # UBLK_MINORS
 DEVICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -138,7 +141,8 @@ class DeviceConfig:
     physical_block_size: int = 512
     max_io_size: int = 1 << 20
     read_only: bool = False
-    recovery: str = "none"  # until the runner can take a quiesced device over (user recovery)
+    recovery: str = "auto"
+    recovery_grace: float = 30.0
     request_timeout: float = 30.0
     isolate: bool = False
     user_copy: str | bool = "auto"
@@ -183,6 +187,21 @@ def device_digest(dev: DeviceConfig) -> str:
     the device's position in the file."""
     d = dataclasses.asdict(dev)
     d.pop("line", None)
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Settings that only change how the runner treats a device, not what the device is; a device
+# recovered after a restart may differ from its creator in these.
+_RECOVERY_NEUTRAL = ("line", "request_timeout", "recovery_grace", "isolate")
+
+
+def recovery_digest(dev: DeviceConfig) -> str:
+    """Digest of what a QUIESCED device was made from (handler, options, layout): a restarted
+    runner takes a device over only when its config entry still has the same one."""
+    d = dataclasses.asdict(dev)
+    for k in _RECOVERY_NEUTRAL:
+        d.pop(k, None)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"), default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -473,7 +492,8 @@ class _Validator:
 
     DEVICE_KEYS = (
         "name", "handler", "size", "id", "queues", "depth", "block_size", "physical_block_size",
-        "max_io_size", "read_only", "recovery", "request_timeout", "isolate", "user_copy", "options",
+        "max_io_size", "read_only", "recovery", "recovery_grace", "request_timeout", "isolate", "user_copy",
+        "options",
     )  # fmt: skip
     DEVICE_OPTS = {
         "size": Opt(SIZE),
@@ -485,6 +505,7 @@ class _Validator:
         "max_io_size": Opt(SIZE, min=4096, max=32 << 20),
         "read_only": Opt(bool),
         "recovery": Opt(str, choices=RECOVERY_MODES),
+        "recovery_grace": Opt(float, min=0),
         "request_timeout": Opt(float),
         "isolate": Opt(bool),
     }

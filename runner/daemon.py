@@ -1,6 +1,11 @@
 """The runner process: load plugins and the configuration, serve every device, answer the
 control socket, reload on SIGHUP, drain and remove everything on SIGTERM/SIGINT.
 
+Recovery: every device the runner serves is recorded in the state file (:mod:`runner.state`).
+A runner that starts and finds its device QUIESCED there (the previous runner died: SIGKILL, a
+crash, or SIGQUIT, which exits on purpose without removing devices, for upgrades) takes it over
+with user recovery: same ``/dev/ublkbN``, and IO the kernel held meanwhile is served.
+
 Threads: the main thread owns the configuration and handles signals; each device's queues have
 their own threads (:mod:`runner.server`); the control socket has one thread, which forwards
 requests that change devices to the main thread so that starts and stops never race.
@@ -20,6 +25,7 @@ import threading
 import time
 
 from . import config as _config
+from . import state as _state
 from .errors import ConfigError
 from .plugins import load_plugins
 from .server import DeviceFailed, DeviceServer
@@ -55,14 +61,26 @@ def setup_logging(level: str, target: str) -> None:
 
 
 class Runner:
-    def __init__(self, config_path: str, *, extra_plugins=(), socket_path: str | None = None):
+    def __init__(self, config_path: str, *, extra_plugins=(), socket_path: str | None = None,
+                 state_dir: str | None = None, only: str | None = None, worker: bool = False):
         self.config_path = config_path
         g = _config.load_global(config_path)
         self.plugins = load_plugins(g.plugins.autoload, g.plugins.block, extra_plugins)
         for failure in self.plugins.errors:
             log.error("%s", failure)
         self.config = _config.load_config(config_path, self.plugins.registry)
+        self.extra_plugins = tuple(extra_plugins)
+        self.only, self.worker = only, worker
+        if only is not None:
+            # a worker process (runner.supervisor), or a manual run of one device
+            if not any(d.name == only for d in self.config.devices):
+                raise ConfigError(f"{config_path}: no device named {only!r} (--only)")
+            self.config.devices = [d for d in self.config.devices if d.name == only]
         self.socket_path = socket_path or self.config.global_.control_socket
+        self.state = _state.StateFile(state_dir or self.config.global_.state_dir)
+        for problem in self.state.problems:
+            log.warning("state: %s", problem)
+        self._detach = threading.Event()
         self.servers: dict[str, DeviceServer] = {}
         self.failed: dict[str, str] = {}
         self.runtime_added: set[str] = set()
@@ -73,29 +91,104 @@ class Runner:
 
     # ---------------------------------------------------------------- devices
     def start_device(self, cfg) -> DeviceServer | None:
+        if cfg.isolate and self.only is None:
+            return self._start_worker(cfg)
+        digest = _config.recovery_digest(cfg)
+        recover_id = None
+        entry = self.state.get(cfg.name)
+        if entry is not None:
+            try:
+                action, why = _state.classify(entry, digest)
+            except Exception as e:  # noqa: BLE001 - the kernel would not tell: do not guess
+                action, why = _state.BUSY, f"cannot ask the kernel about device {entry.dev_id}: {e}"
+            if action == _state.RECOVER:
+                log.info("device %s: %s; recovering it", cfg.name, why)
+                recover_id = entry.dev_id
+            elif action == _state.BUSY:
+                log.error("device %s: not started: %s", cfg.name, why)
+                self.failed[cfg.name] = why
+                return None
+            else:
+                if action == _state.REPLACE:
+                    log.warning("device %s: %s; deleting it and creating a new device", cfg.name, why)
+                    _state.discard_device(entry.dev_id)
+                else:
+                    log.warning("device %s: state entry dropped: %s", cfg.name, why)
+                self.state.drop(cfg.name)
         srv = DeviceServer(cfg, self.plugins.registry[cfg.handler], self.plugins)
+        srv.exit_on_stall = self.worker
         try:
-            srv.start(timeout=max(30.0, cfg.request_timeout))
+            srv.start(timeout=max(30.0, cfg.request_timeout), recover_id=recover_id)
+        except DeviceFailed as e:
+            log.error("%s", e)
+            self.failed[cfg.name] = str(e)
+            if recover_id is not None:
+                self.state.drop(cfg.name)
+            return None
+        self.state.put(_state.Entry(name=cfg.name, dev_id=srv.dev_id, digest=digest, pid=os.getpid(),
+                                    handler=cfg.handler))
+        self.failed.pop(cfg.name, None)
+        self.servers[cfg.name] = srv
+        self.plugins.notify("ublk_runner_device_started", device=srv)
+        return srv
+
+    def _start_worker(self, cfg):
+        from .supervisor import WorkerDevice
+        srv = WorkerDevice(cfg, self)
+        try:
+            srv.start(timeout=max(120.0, cfg.request_timeout))
         except DeviceFailed as e:
             log.error("%s", e)
             self.failed[cfg.name] = str(e)
             return None
         self.failed.pop(cfg.name, None)
         self.servers[cfg.name] = srv
+        log.info("device %s: served by worker pid %d (%s)", cfg.name, srv.proc.pid, srv.info.get("block"))
         self.plugins.notify("ublk_runner_device_started", device=srv)
         return srv
+
+    def worker_failed(self, name: str, reason: str) -> None:
+        """A worker gave up on its device (called from its monitor thread)."""
+        if self.servers.get(name) is not None:
+            self.servers.pop(name, None)
+            self.failed[name] = reason
 
     def stop_device(self, name: str) -> None:
         srv = self.servers.pop(name, None)
         self.failed.pop(name, None)
         if srv is None:
             return
+        t0 = time.monotonic()
         srv.stop()
+        log.info("device %s: stopped and deleted in %.2f s", name, time.monotonic() - t0)
+        self.state.drop(name)
         self.plugins.notify("ublk_runner_device_stopped", device=srv)
+
+    def forget_orphans(self) -> None:
+        """Devices in the state file that the configuration no longer names: nobody will recover
+        them, so delete those no live process serves."""
+        names = {d.name for d in self.config.devices}
+        for name, entry in list(self.state.entries.items()):
+            if name in names:
+                continue
+            try:
+                action, why = _state.classify(entry, "")
+            except Exception as e:  # noqa: BLE001
+                log.error("state: device %s (id %d) is no longer configured; left alone: %s", name, entry.dev_id, e)
+                continue
+            if action == _state.BUSY:
+                log.warning("state: device %s is no longer configured but %s; left alone", name, why)
+                continue
+            if action in (_state.RECOVER, _state.REPLACE):
+                log.warning("state: device %s (id %d) is no longer configured; deleting it", name, entry.dev_id)
+                _state.discard_device(entry.dev_id)
+            self.state.drop(name)
 
     def reload(self) -> None:
         try:
             new = _config.load_config(self.config_path, self.plugins.registry)
+            if self.only is not None:
+                new.devices = [d for d in new.devices if d.name == self.only]
         except ConfigError as e:
             log.error("reload of %s refused, keeping the running configuration:\n%s", self.config_path, e)
             return
@@ -189,11 +282,24 @@ class Runner:
         threading.Thread(target=self._sock_server.serve_forever, daemon=True, name="control-socket").start()
 
     # ---------------------------------------------------------------- main loop
+    @staticmethod
+    def protect_from_oom() -> None:
+        """A block-device server the OOM killer picks cannot write back the dirty pages that would
+        free memory: the deadlock ublksrv avoids the same way.  Workers inherit the setting."""
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("-1000")
+        except OSError as e:
+            log.warning("cannot exempt the runner from the OOM killer (/proc/self/oom_score_adj): %s", e)
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *a: self._stop.set())
         signal.signal(signal.SIGINT, lambda *a: self._stop.set())
         signal.signal(signal.SIGHUP, lambda *a: self._reload.set())
+        signal.signal(signal.SIGQUIT, lambda *a: (self._detach.set(), self._stop.set()))
+        self.protect_from_oom()
         self._start_socket()
+        self.forget_orphans()
         m = self.config.global_.metrics
         if m.prometheus_port:
             from .metrics import start_exporter
@@ -206,6 +312,9 @@ class Runner:
                  len(self.failed), self.socket_path)
         print(json.dumps({"ready": [s.describe() for s in self.servers.values()], "failed": self.failed}),
               flush=True)
+        if self.worker and self.failed:
+            from .supervisor import EXIT_DEVICE_FAILED
+            return EXIT_DEVICE_FAILED
         while not self._stop.is_set():
             if self._reload.is_set():
                 self._reload.clear()
@@ -218,6 +327,8 @@ class Runner:
                 reply.put((True, self._apply_change(req)))
             except Exception as e:  # noqa: BLE001
                 reply.put((False, str(e).strip("'\"")))
+        if self._detach.is_set():
+            return self._detach_exit()
         log.info("stopping %d device(s)", len(self.servers))
         for name in list(self.servers):
             self.stop_device(name)
@@ -230,6 +341,29 @@ class Runner:
                 pass
         log.info("stopped")
         return 0
+
+
+    def _detach_exit(self) -> int:
+        """SIGQUIT: leave every recoverable device QUIESCED for the next runner (an upgrade
+        without unmounting) and exit at once.  The kernel holds new IO; requests in flight are
+        reissued (or failed, recovery: requeue) when the next runner takes over."""
+        keep = [n for n, s in self.servers.items() if s.recovery_mode]
+        for name in [n for n in self.servers if n not in keep]:
+            self.stop_device(name)
+        for srv in self.servers.values():
+            if hasattr(srv, "detach"):
+                srv.detach()
+        log.warning("detaching (SIGQUIT): leaving %d device(s) for the next runner to recover: %s",
+                    len(keep), ", ".join(f"{n}=/dev/ublkb{self.servers[n].dev_id}" for n in keep) or "-")
+        if self._sock_server:
+            self._sock_server.server_close()
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(0)  # no atexit: it would delete the devices
 
 
 def control_request(socket_path: str, req: dict, timeout: float = 310.0):

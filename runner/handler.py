@@ -427,6 +427,12 @@ class DeviceSpec:
 
     ``size`` is ``None`` when the config leaves it to the handler (e.g. the
     size of a backing file); block sizes are bytes.
+
+    ``recovering`` is True when the runner opens the handler to take over a
+    device that already served data before the runner died (user
+    recovery). The backend must then be the one that served it: never
+    create, format or truncate it; raise if it is gone, and the runner
+    retries until ``recovery_grace`` runs out.
     """
 
     name: str
@@ -437,6 +443,7 @@ class DeviceSpec:
     queues: int = 1
     depth: int = 128
     max_io_size: int = 1 << 20
+    recovering: bool = False
 
 
 # --------------------------------------------------------------------------
@@ -498,6 +505,15 @@ class Handler:
     #: ``True`` if the device cannot work without a ``size:`` in the config
     #: (e.g. ``null``); checked at config load time.
     size_required: ClassVar[bool] = False
+
+    #: ``True`` if a write may safely be executed twice, as long as no later
+    #: write to the same range was acknowledged in between (true of almost
+    #: every block backend: it stores data at an offset). Then a device with
+    #: ``recovery: auto`` is created with USER_RECOVERY_REISSUE, and requests
+    #: in flight when the runner died are given again to the new process
+    #: instead of failing with EIO. Leave it ``False`` for backends where a
+    #: repeated write has a side effect (an append-only log, a counter).
+    idempotent_writes: ClassVar[bool] = False
 
     #: ``None`` (default): IO goes through the Python methods. Or
     #: ``('null', {...})`` / ``('file', {...})``: the native core serves IO

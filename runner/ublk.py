@@ -382,6 +382,7 @@ class Device:
         self._started = False
         self._stopped = False
         self._deleted = False
+        self._recovering = False
         self._queues: "weakref.WeakSet" = weakref.WeakSet()
         _live_devices.add(self)
 
@@ -457,6 +458,65 @@ class Device:
             raise
         return cls(info, params, ctl, cdev_fd, timeout)
 
+    @classmethod
+    def recover(cls, dev_id: int, *, timeout: float = DEFAULT_TIMEOUT, size: int | None = None,
+                queues: int | None = None, depth: int | None = None,
+                foreign_ok: bool = False) -> "Device":
+        """Take over a QUIESCED device whose server died (user recovery).
+
+        Sends START_USER_RECOVERY; the kernel refuses it (EBUSY) while anyone still holds the old
+        server's char device, so that is retried until ``timeout``.  Then open the queues as after
+        :meth:`add` and call :meth:`start`, which sends END_USER_RECOVERY instead of START_DEV.
+        ``size``/``queues``/``depth``, when given, must match what the device was created with:
+        the kernel keeps the old parameters, so a mismatch would serve the wrong layout.
+        """
+        ctl = Control()
+        try:
+            raw = ffi.new("struct ublksrv_ctrl_dev_info *")
+            ctl.command("GET_DEV_INFO", dev_id, raw, timeout=timeout)
+            info = _info_from(raw)
+            if not info.ours and not foreign_ok:
+                raise UblkError(_errno.EPERM, "START_USER_RECOVERY", dev_id,
+                                "the device was not created by ublk-runner (ublksrv_flags differ)")
+            if not info.flags & F_USER_RECOVERY:
+                raise UblkError(_errno.EINVAL, "START_USER_RECOVERY", dev_id,
+                                "the device was created without USER_RECOVERY")
+            if info.state != "QUIESCED":
+                alive = f", server pid {info.pid} still alive" if info.server_alive else ""
+                raise UblkError(_errno.EBUSY, "START_USER_RECOVERY", dev_id,
+                                f"the device is {info.state}, not QUIESCED{alive}")
+            got = ffi.new("struct ublk_params *")
+            got.len = ffi.sizeof("struct ublk_params")
+            ctl.command("GET_PARAMS", dev_id, got, timeout=timeout)
+            params = Params.from_c(got)
+            for what, want, have in (("size", size, params.size), ("queues", queues, info.nr_queues),
+                                     ("depth", depth, info.depth)):
+                if want is not None and want != have:
+                    raise UblkError(_errno.EINVAL, "START_USER_RECOVERY", dev_id,
+                                    f"{what} is {have} in the kernel but {want} now")
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    ctl.command("START_USER_RECOVERY", dev_id,
+                                timeout=max(0.1, deadline - time.monotonic()))
+                    break
+                except UblkError as e:
+                    # the dead server's char device is released asynchronously (task exit)
+                    if e.errno == _errno.EBUSY and time.monotonic() > deadline:
+                        raise UblkError(e.errno, "START_USER_RECOVERY", dev_id,
+                                        f"/dev/ublkc{dev_id} is still open: is the old server "
+                                        "(or a child it forked) still alive?") from None
+                    if e.errno != _errno.EBUSY:
+                        raise
+                    time.sleep(0.05)
+            cdev_fd = _open_cdev(dev_id, max(0.1, deadline - time.monotonic()))
+        except BaseException:
+            ctl.close()
+            raise
+        dev = cls(info, params, ctl, cdev_fd, timeout)
+        dev._recovering = True
+        return dev
+
     # ---- properties
     @property
     def dev_id(self) -> int:
@@ -496,9 +556,11 @@ class Device:
     def start(self, timeout: float | None = None) -> None:
         """START_DEV.  Blocks until every queue has fetched its tags, so call it from a thread
         other than the queue threads (or use :func:`runner.aio.start`)."""
-        self._ctl.command("START_DEV", self.dev_id, data0=os.getpid(),
+        cmd = "END_USER_RECOVERY" if self._recovering else "START_DEV"
+        self._ctl.command(cmd, self.dev_id, data0=os.getpid(),
                           timeout=self.timeout if timeout is None else timeout)
         self._started = True
+        self._recovering = False
 
     def stop(self, timeout: float | None = None) -> None:
         """STOP_DEV: removes the disk after in-flight IO completes, then aborts every queue.

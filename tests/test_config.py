@@ -127,7 +127,7 @@ def test_defaults_filled_in(tmp_path, registry):
     )
     assert (d.size, d.id, d.queues, d.depth, d.block_size, d.physical_block_size) == (None, -1, 1, 128, 512, 512)
     assert (d.max_io_size, d.read_only, d.recovery, d.request_timeout, d.isolate, d.user_copy) == (
-        1 << 20, False, "none", 30.0, False, "auto",
+        1 << 20, False, "auto", 30.0, False, "auto",
     )
     assert d.line == 2
     spec = d.spec()
@@ -406,7 +406,7 @@ def test_out_of_range_and_bad_choices(tmp_path, registry):
         f"{path}:5: devices[0].queues: 65 is out of range (expected 1..64)",
         f"{path}:6: devices[0].depth: 0 is out of range (expected 1..4096)",
         f"{path}:7: devices[0].block_size: 3000 is not one of 512, 1K, 2K, 4K",
-        f"{path}:8: devices[0].recovery: 'restart' is not one of 'none', 'requeue', 'reissue'",
+        f"{path}:8: devices[0].recovery: 'restart' is not one of 'auto', 'none', 'requeue', 'reissue'",
         f"{path}:9: devices[0].id: 1048576 is out of range (expected -1..1048575)",
         f"{path}:10: devices[0].max_io_size: 64M is out of range (expected 4K..32M)",
         f"{path}:11: devices[0].request_timeout: 0.0 is not a timeout (expected a number of seconds > 0)",

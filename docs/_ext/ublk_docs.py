@@ -124,12 +124,13 @@ def _global_descriptions():
                            "Unix socket for ``ublk-runner list/stats/add/del``. Created mode 0600 (root only). "
                            "``--socket`` overrides it."),
         "state_dir": ("a string", "absolute path",
-                      "Directory for per-device state. Reserved for user recovery (planned); nothing is "
-                      "written there yet."),
+                      "Directory of the device table (``devices.json``, replaced atomically) that lets a "
+                      "restarted runner recover its QUIESCED devices. ``--state-dir`` overrides it. "
+                      "See :ref:`recovery`."),
         "metrics.prometheus_port": ("an integer or ``null``", "1 .. 65535",
-                                    "Reserved for a Prometheus exporter (not implemented yet: the value is "
-                                    "validated and ignored). Use ``ublk-runner stats`` meanwhile."),
-        "metrics.prometheus_addr": ("a string", "not empty", "Address the exporter would listen on (reserved)."),
+                                    "Port of the Prometheus ``/metrics`` exporter (needs ``prometheus-client``, "
+                                    "the ``metrics`` extra); ``null``: no exporter. See :doc:`/operations`."),
+        "metrics.prometheus_addr": ("a string", "not empty", "Address the exporter listens on."),
         "plugins.autoload": ("a boolean", "",
                              "Load every installed plugin of the entry-point group ``ublk_runner``. "
                              f"The environment variable ``{_env_var()}=1`` forces it off. Plugins named "
@@ -169,14 +170,26 @@ def _device_descriptions():
                         "Largest single request; the kernel splits bigger ones."),
         "read_only": ("a boolean", "", "Export a read-only disk: writes never reach the handler."),
         "recovery": ("a string", "",
-                     "User-recovery flag requested at ADD_DEV: ``none``, ``requeue`` (USER_RECOVERY) or "
-                     "``reissue`` (USER_RECOVERY_REISSUE). The flag is set, but the runner does not yet "
-                     "re-attach to a device after a crash; see :doc:`/operations`."),
+                     "What happens when the runner dies. ``requeue`` (USER_RECOVERY): the kernel keeps the "
+                     "device and holds new IO until a restarted runner takes it over; requests in flight at "
+                     "the crash fail. ``reissue`` (USER_RECOVERY_REISSUE): those are given again to the new "
+                     "runner. ``none``: the disk disappears with the runner. ``auto``: ``reissue`` if the "
+                     "handler declares ``idempotent_writes`` (all built-in handlers do), else ``requeue``. "
+                     "See :ref:`recovery`."),
+        "recovery_grace": ("a number", ">= 0",
+                           "Seconds a recovering device waits for its handler to reopen the backend (retried "
+                           "every second). After that the device is stopped and deleted, so IO waiting on it "
+                           "fails instead of hanging."),
         "request_timeout": ("a number", "> 0",
-                            "Seconds. Today only the device start uses it (its timeout is the larger of this and 30 s); "
-                            "privileged ublk devices have no kernel request timeout on 6.12."),
-        "isolate": ("a boolean", "", "Reserved: serve the device from its own process. Validated, not "
-                    "implemented yet (every device runs in the runner process)."),
+                            "Seconds: each request's deadline. A request the handler has not finished by then "
+                            "is failed with ETIMEDOUT (the reader sees an IO error) and logged with the handler "
+                            "and the request; the device goes on serving. Privileged ublk devices have no "
+                            "kernel request timeout on 6.12, so this is the only one. Device start and control "
+                            "commands wait the larger of this and 30 s."),
+        "isolate": ("a boolean", "",
+                    "Serve the device from its own worker process, restarted (and the device recovered) "
+                    "by the runner when it dies; a handler that crashes or deadlocks then takes down only "
+                    "its own device. See :ref:`isolation`."),
         "user_copy": ("``auto``, ``true`` or ``false``", "",
                       "Data path: ``auto`` uses USER_COPY when the kernel has it (6.5+), else buffer mode; "
                       "``true`` requires it; ``false`` forces buffer mode. See :ref:`buffer-modes`."),

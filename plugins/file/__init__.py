@@ -43,6 +43,7 @@ class FileHandler(Handler):
     name = "file"
     API_VERSION = (1, 0)
     thread_model = "parallel"   # pread/pwrite on one fd are thread-safe
+    idempotent_writes = True
     options_schema = {
         "path": Opt(str, required=True, help="backing file or block device"),
         "direct": Opt(bool, default=False, help="open with O_DIRECT (bypass the host page cache)"),
@@ -57,6 +58,9 @@ class FileHandler(Handler):
         path = options["path"]
         exists = os.path.exists(path)
         if not exists:
+            if device.recovering:
+                raise FileNotFoundError(errno.ENOENT, f"backing file {path} is gone; a new empty file would "
+                                                      "silently replace the data the device served")
             if not options["create"]:
                 raise FileNotFoundError(errno.ENOENT, f"backing file {path} does not exist (create: false)")
             if device.size is None:

@@ -18,6 +18,7 @@ class NullHandler(Handler):
     API_VERSION = (1, 0)
     size_required = True
     thread_model = "parallel"
+    idempotent_writes = True
     options_schema = {
         "latency_us": Opt(int, default=0, min=0, max=10_000_000,
                           help="delay every request by this many microseconds (an io_uring timeout)"),

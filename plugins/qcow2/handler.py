@@ -14,6 +14,7 @@ class Qcow2Handler(Handler):
     name = "qcow2"
     API_VERSION = (1, 0)
     thread_model = "parallel"     # metadata under the engine's lock, data IO outside it
+    idempotent_writes = True
     options_schema = {
         "path": Opt(str, required=True, help="the qcow2 image"),
         "cache": Opt(SIZE, default="32M", help="L2 and refcount-block cache size"),
@@ -28,7 +29,7 @@ class Qcow2Handler(Handler):
     def open(cls, options, device):
         import os
         path = options["path"]
-        if options["create"] and not os.path.exists(path):
+        if options["create"] and not device.recovering and not os.path.exists(path):
             if not device.size:
                 raise ValueError(f"cannot create {path}: the device has no size")
             create(path, device.size, cluster_size=options["cluster_size"])

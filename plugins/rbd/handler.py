@@ -190,6 +190,7 @@ class RbdHandler(Handler):
     name = "rbd"
     API_VERSION = (1, 0)
     thread_model = "parallel"
+    idempotent_writes = True
     options_schema = {
         "pool": Opt(str, required=True, help="RADOS pool holding the image"),
         "namespace": Opt(str, help="RBD namespace inside the pool (default: none)"),

@@ -42,7 +42,10 @@ def runner(tmp_path):
         return r
     yield start
     for r in started:
-        assert r.stop() == 0, r.log()
+        if r.proc.poll() is None:
+            assert r.stop() == 0, r.log()
+        elif not r.killed and r.proc.returncode != 0:
+            pytest.fail(f"runner exited with {r.proc.returncode}:\n{r.log()}")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,14 +39,22 @@ class RunnerProcess:
         self.config = tmp_path / "runner.yaml"
         self.socket = str(tmp_path / "control.sock")
         self.python = python
-        self.write_config(yaml_text)
-        self.stderr_path = tmp_path / "runner.log"
+        self.state_dir = str(tmp_path / "state")  # per test: a killed runner's table stays there
+        self.killed = False
+        if yaml_text is not None:
+            self.write_config(yaml_text)
+        n = 0
+        while (tmp_path / f"runner{n or ''}.log").exists():
+            n += 1
+        self.stderr_path = tmp_path / f"runner{n or ''}.log"
         self._stderr = open(self.stderr_path, "w")
+        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [python, "-m", "runner.cli", "run", "-c", str(self.config), "--socket", self.socket,
-             "--log-level", "debug", *extra_args],
+             "--state-dir", self.state_dir, "--log-level", "debug", *extra_args],
             stdout=subprocess.PIPE, stderr=self._stderr, text=True, cwd=REPO)
         self.ready = self._wait_ready(180)
+        self.ready_after = time.monotonic() - self.started
 
     def write_config(self, yaml_text: str) -> None:
         self.config.write_text(textwrap.dedent(yaml_text))
@@ -68,7 +77,8 @@ class RunnerProcess:
         return result["ready"]
 
     def log(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         return self.stderr_path.read_text()
 
     def cli(self, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
@@ -84,6 +94,15 @@ class RunnerProcess:
 
     def devices(self) -> dict:
         return {d["name"]: d for d in self.cli_json("list")["devices"]}
+
+    def kill(self, sig=signal.SIGKILL) -> float:
+        """Kill the runner (no cleanup runs); returns the monotonic time of the kill."""
+        t = time.monotonic()
+        self.proc.send_signal(sig)
+        self.proc.wait(60)
+        self.killed = sig == signal.SIGKILL
+        self._stderr.close()
+        return t
 
     def stop(self, timeout: float = 120) -> int:
         if self.proc.poll() is None:
