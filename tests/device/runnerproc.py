@@ -68,7 +68,8 @@ class RunnerProcess:
         return result["ready"]
 
     def log(self) -> str:
-        self._stderr.flush()
+        if not self._stderr.closed:   # stop() closes it; the log is still worth showing
+            self._stderr.flush()
         return self.stderr_path.read_text()
 
     def cli(self, *args, check=True, timeout=300) -> subprocess.CompletedProcess:
