@@ -206,3 +206,33 @@ def test_random_ops_with_late_forwarded_io(tmp_path, seed):
     # and qemu agrees with the reference outside the ambiguous clusters
     if not ambiguous:
         assert compare_raw(img, tmp_path / "r.raw")[0] == 0
+
+
+def test_handler_forwards_and_releases(mixed):
+    from runner.handler import DeviceSpec, validate_options
+    from runner.queue import OP_READ, OP_WRITE, Forwarded, _split_forwarded, Request
+    from ublk_plugins.qcow2.handler import Qcow2Handler
+    opts, errs = validate_options(Qcow2Handler.options_schema, {"path": str(mixed)})
+    assert not errs and opts["forward"] is True
+    h = Qcow2Handler.open(opts, DeviceSpec("q"))
+    try:
+        assert h.forward_fd == h.img.fileno()
+        host = h.forward(OP_READ, 0, 4096, False)
+        wh = h.forward(OP_WRITE, 4 * CS, 4096, False)
+        assert host is not None and wh is not None
+        assert h.forward(OP_READ, CS, 4096, False) is None          # zero cluster: Python path
+        assert h.img.forwards_pinned() == 2
+        # what Queue.wait hands to on_forwarded: results are signed
+        reqs, done = _split_forwarded([Request(host, 4096, OP_READ | (1 << 31), 3),
+                                       Request(wh, (1 << 32) - 5, OP_WRITE | (1 << 31), 4),
+                                       Request(0, 4096, OP_READ, 5)])
+        assert reqs == [Request(0, 4096, OP_READ, 5)]
+        assert done == [Forwarded(3, OP_READ, host, 4096), Forwarded(4, OP_WRITE, wh, -5)]
+        h.forwarded(done)
+        assert h.img.forwards_pinned() == 0
+    finally:
+        h.close()
+    opts["forward"] = False
+    h = Qcow2Handler.open(opts, DeviceSpec("q"))
+    assert h.forward_fd is None
+    h.close()
