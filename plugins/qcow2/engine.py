@@ -459,6 +459,7 @@ class Qcow2Image:
             pos += (_SNAP.size + rest_len + 7) & ~7
             if pos - off > 64 << 20:
                 raise self._err("snapshot table too large")
+        self._snap_table = (off, pos - off)
 
     def _open_backing(self, cache_bytes, chain, lock):
         name = self.backing_file
