@@ -4,7 +4,7 @@ qemu-nbd over /dev/nbd0, and tcmu-runner's qcow handler behind LIO's tcm_loop (w
 fio 4k randread and randwrite, io_uring, direct, iodepth 64, one job pinned away from the
 servers.  In the VM (peers: scripts/setup --bench):
 
-    UBLK_VM_MODULES="ublk_drv nbd target_core_user tcm_loop" tests/vm/run .venv/bin/python bench/qcow2.py
+    UBLK_VM_MODULES="ublk_drv nbd target_core_user tcm_loop sd_mod" tests/vm/run .venv/bin/python bench/qcow2.py
 """
 import argparse
 import glob
