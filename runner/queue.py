@@ -64,6 +64,21 @@ class Request(namedtuple("Request", "offset length op_flags tag")):
 
 
 _make_request = Request._make
+_FORWARDED = lib.UBQ_REQ_FORWARDED
+
+
+class Forwarded(namedtuple("Forwarded", "tag op host_offset result")):
+    """A forwarded request finished (see :meth:`Queue.forward`): already committed to the kernel;
+    ``result`` is what it was committed with (bytes or ``-errno``)."""
+    __slots__ = ()
+
+
+def _split_forwarded(reqs: list[Request]) -> tuple[list[Request], list[Forwarded]]:
+    done = [Forwarded(r.tag, r.op_flags & 0xFF, r.offset, r.length - (1 << 32) if r.length >> 31 else r.length)
+            for r in reqs if r.op_flags & _FORWARDED]
+    if done:
+        reqs = [r for r in reqs if not r.op_flags & _FORWARDED]
+    return reqs, done
 
 
 class Queue:
@@ -76,13 +91,19 @@ class Queue:
       ``latency_us``, ``error_ops`` (a set of op numbers) and ``error`` (an errno) to inject;
     - ``"file"``: io_uring reads/writes/fdatasync/fallocate on ``native_options["fd"]``.
 
+    ``forward_fd``: a file (e.g. a disk image) that READ/WRITE requests may be forwarded to with
+    :meth:`forward`: the core then moves the data between the request and that file itself.
+    ``on_forwarded(list[Forwarded])`` is called from :meth:`wait`, on the owner thread, with the
+    forwarded requests that have finished (before the new requests are returned).
+
     ``pollable=False`` promises the queue is only driven by :meth:`wait` (never through
     :meth:`fileno`); the ring then defers the kernel's completion work to that wait, which is
     cheaper (IORING_SETUP_DEFER_TASKRUN).
     """
 
     def __init__(self, device, q_id: int, *, native: str | None = None, native_options: dict | None = None,
-                 batch: int | None = None, io_flusher: bool = True, pollable: bool = True):
+                 batch: int | None = None, io_flusher: bool = True, pollable: bool = True,
+                 forward_fd: int | None = None, on_forwarded=None):
         self.device = device
         self.q_id = q_id
         self.depth = device.info.depth
@@ -107,6 +128,15 @@ class Queue:
         if ret < 0:
             lib.ubq_close(self._q)
             raise OSError(-ret, f"setting up the native {native} target of queue {q_id}")
+        self._fwd_tags = array("H")
+        self._fwd_hosts = array("Q")
+        self._on_forwarded = on_forwarded
+        self.forwarding = forward_fd is not None
+        if self.forwarding:
+            ret = lib.ubq_set_forward_fd(self._q, forward_fd)
+            if ret < 0:
+                lib.ubq_close(self._q)
+                raise OSError(-ret, f"registering the forward fd of queue {q_id}: {_errno.errorcode.get(-ret)}")
         if io_flusher:
             lib.ub_set_io_flusher()  # needs CAP_SYS_RESOURCE; harmless without
         self._owner = threading.get_ident()
@@ -131,7 +161,12 @@ class Queue:
         has been aborted.  The GIL is released while waiting."""
         ret = self._run(timeout)
         if ret > 0:
-            return list(map(_make_request, _REQ.iter_unpack(self._out_buf[: ret * 24])))
+            reqs = list(map(_make_request, _REQ.iter_unpack(self._out_buf[: ret * 24])))
+            if self.forwarding:
+                reqs, done = _split_forwarded(reqs)
+                if done and self._on_forwarded is not None:
+                    self._on_forwarded(done)
+            return reqs
         return []
 
     def wait_raw(self, timeout: float | None = None) -> int:
@@ -158,6 +193,8 @@ class Queue:
                 "depth": self.depth}
 
     def _run(self, timeout: float | None) -> int:
+        if self._fwd_tags:
+            self._flush_forwards()
         tags, res = self._done_tags, self._done_res
         n_done = len(tags)
         ms = -1 if timeout is None else int(timeout * 1000)
@@ -203,6 +240,29 @@ class Queue:
     def fail(self, req: Request, err: int = _errno.EIO) -> None:
         self.complete(req, -abs(err))
 
+    def forward(self, req: Request, host_offset: int) -> None:
+        """Owner thread, queues with ``forward_fd`` only: serve READ/WRITE ``req`` by IO on the
+        forward file at ``host_offset`` (``req.length`` bytes; FUA writes with RWF_DSYNC).  The core
+        does the IO and commits ``req`` itself; :meth:`wait` later reports it to ``on_forwarded``.
+        Forwards are batched: the next :meth:`wait` hands them to the core in one call."""
+        self._fwd_tags.append(req.tag)
+        self._fwd_hosts.append(host_offset)
+
+    def _flush_forwards(self) -> None:
+        tags, hosts = self._fwd_tags, self._fwd_hosts
+        ret = lib.ubq_forward(self._q, ffi.from_buffer("uint16_t[]", tags), ffi.from_buffer("uint64_t[]", hosts),
+                              len(tags))
+        if ret < 0:
+            # Nothing was started (the core checks every entry first): fail the requests here and
+            # still report them, so whoever pinned their host ranges releases them.
+            failed = [Forwarded(t, -1, h, ret) for t, h in zip(tags, hosts)]
+            self._done_tags.extend(tags)
+            self._done_res.extend([ret] * len(tags))
+        del tags[:]
+        del hosts[:]
+        if ret < 0 and self._on_forwarded is not None:
+            self._on_forwarded(failed)
+
     # ---- data
     def read_data(self, req: Request, buf, offset: int = 0) -> int:
         """Copy the payload of a WRITE (from ``offset`` within the request) into ``buf``, a
@@ -242,6 +302,7 @@ class Queue:
             "errors": st.errors, "in_flight": st.in_flight, "bad_completions": st.bad_completions,
             "kernel_errors": st.kernel_errors, "last_kernel_error": st.last_kernel_error,
             "aborted": st.aborted, "latency_us_log2": list(st.lat_us),
+            "forwarded": st.forwarded, "forward_errors": st.forward_errors,
         }
 
     def serve_forever(self, handle, timeout: float = 1.0) -> None:

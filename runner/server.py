@@ -10,6 +10,9 @@ Request paths, chosen once when the device starts:
   resolves later on any thread, and the core hands that completion back to the queue thread;
   or, when the handler's ``attach_queue(queue)`` returns a submitter, each batch goes to its
   native code in one call and Python never sees a request (``DeviceServer._serve_native``);
+- forward (sync path, handler sets ``forward_fd``): before a READ/WRITE is served in Python the
+  handler's ``forward(op, offset, length, fua)`` may return an offset in that file; the core then
+  does the IO and commits, and ``forwarded(list)`` later tells the handler which finished;
 - asyncio: when the handler's IO methods are coroutine functions, each queue thread runs an
   event loop and every request is a task (:func:`runner.aio.serve`).
 """
@@ -27,7 +30,7 @@ import threading
 import time
 
 from .handler import Handler, check_instance, errno_of
-from .queue import (OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Queue,
+from .queue import (F_FUA, OP_DISCARD, OP_FLUSH, OP_READ, OP_WRITE, OP_WRITE_ZEROES, Queue,
                     QueueStopped, Request)
 from .ublk import Device
 
@@ -253,10 +256,13 @@ class DeviceServer:
     # ------------------------------------------------------------------ queue threads
     def _queue_main(self, q_id: int, ready: threading.Event) -> None:
         native = self.caps["native_target"]
+        fwd = self._forwarder()
         try:
             q = self.device.open_queue(q_id, native=native[0] if native else None,
                                        native_options=native[1] if native else None,
-                                       pollable=self.is_async)
+                                       pollable=self.is_async,
+                                       forward_fd=fwd.forward_fd if fwd else None,
+                                       on_forwarded=fwd.forwarded if fwd else None)
         except BaseException as e:
             self.errors.append(e)
             ready.set()
@@ -276,6 +282,32 @@ class DeviceServer:
         finally:
             q.close()
 
+    def _forwarder(self):
+        """The handler if it forwards READ/WRITE to a file through the core (sync path only)."""
+        h = self.handler
+        if h is None or self.caps.get("native_target") or self.is_async or getattr(h, "forward_fd", None) is None:
+            return None
+        return h
+
+    def _forward(self, q: Queue, h, reqs: list[Request]) -> list[Request]:
+        """Hand every READ/WRITE the handler maps to one file range to the core; return the rest."""
+        rest = []
+        can_fua = self.caps["can_fua"]
+        for r in reqs:
+            op = r.op_flags & 0xFF
+            if op == OP_READ or op == OP_WRITE:
+                fua = bool(r.op_flags & F_FUA)
+                if not (fua and not can_fua):
+                    try:
+                        host = h.forward(op, r.offset, r.length, fua)
+                    except Exception:  # noqa: BLE001 - the Python path reports the error
+                        host = None
+                    if host is not None:
+                        q.forward(r, host)
+                        continue
+            rest.append(r)
+        return rest
+
     def _serve_sync(self, q: Queue) -> None:
         bufs = None if not q.user_copy else _Buffers(q.depth)
         tracker = self._trackers[q.q_id] = _Tracker(q, bufs)
@@ -289,6 +321,7 @@ class DeviceServer:
             if sub is not None:
                 self.native_queues += 1
                 return self._serve_native(q, sub, tracker)
+        fwd = self.handler if q.forwarding else None
         while True:
             reqs = q.wait(1.0)
             now = tracker.heartbeat = clock()
@@ -297,8 +330,11 @@ class DeviceServer:
             if serialize:
                 serialize.acquire()
             try:
+                if fwd is not None:
+                    reqs = self._forward(q, fwd, reqs)
                 if batch is not None:
-                    self._batch(q, bufs, reqs, batch, tracker, now)
+                    if reqs:
+                        self._batch(q, bufs, reqs, batch, tracker, now)
                 else:
                     for r in reqs:
                         one(q, bufs, r, tracker.track(r, now))
@@ -548,13 +584,14 @@ class DeviceServer:
 
     def stats(self) -> dict:
         per_queue = {q_id: q.stats() for q_id, q in list(self.queues.items()) if not q.closed}
-        total: dict = {"ops": {}, "bytes": {}, "errors": 0, "in_flight": 0}
+        total: dict = {"ops": {}, "bytes": {}, "errors": 0, "in_flight": 0, "forwarded": 0}
         for st in per_queue.values():
             for k in ("ops", "bytes"):
                 for op, n in st[k].items():
                     total[k][op] = total[k].get(op, 0) + n
             total["errors"] += st["errors"]
             total["in_flight"] += st["in_flight"]
+            total["forwarded"] += st["forwarded"]
         total["timed_out"] = self.timed_out
         total["late_completions"] = self.late_completions
         return {"device": self.name, "total": total, "queues": per_queue}
@@ -568,7 +605,7 @@ class DeviceServer:
             "size": self.caps.get("size"), "queues": self.cfg.queues, "depth": self.cfg.depth,
             "mode": ("native-" + self.caps["native_target"][0]) if self.caps.get("native_target")
             else "asyncio" if self.is_async else "python-native" if self.native_queues
-            else "python",
+            else "python+forward" if self._forwarder() else "python",
         }
 
 

@@ -11,6 +11,12 @@ Crash-safety rules (see shared notes, "A correct writer's obligations"):
 so that a crash at any point can only leak clusters. ``flush()``, FUA writes,
 ``close()`` and a bound on the number of pending updates trigger a commit.
 
+Forwarding (``map_forward``/``unpin_forward``): a caller may resolve a request to one
+host range and do the IO itself (the ublk handler hands it to the native core). The
+host cluster is pinned per cluster until ``unpin_forward``; a free that would drop a
+pinned cluster's refcount to 0 is deferred to the last unpin instead of waiting, so
+a thread that frees never waits for IO that only it could reap.
+
 Threading: every metadata access happens under ``self._lock`` (an RLock).
 Reads and in-place writes to clusters that are exclusively owned (COPIED) run
 outside the lock; frees that drop a refcount to 0 wait until no such IO is in
@@ -398,6 +404,8 @@ class Qcow2Image:
         self._io_cv = threading.Condition(threading.Lock())
         self._inflight = 0
         self._io_waiters = 0
+        self._fwd_pins = {}              # host cluster index -> forwarded IOs in flight
+        self._fwd_deferred = set()       # pinned clusters whose last reference was dropped
         self._free_hint = 0
         self._write_ready = False
         self._pend_l1 = {}
@@ -451,6 +459,7 @@ class Qcow2Image:
             pos += (_SNAP.size + rest_len + 7) & ~7
             if pos - off > 64 << 20:
                 raise self._err("snapshot table too large")
+        self._snap_table = (off, pos - off)
 
     def _open_backing(self, cache_bytes, chain, lock):
         name = self.backing_file
@@ -498,6 +507,14 @@ class Qcow2Image:
     def close(self):
         """Flush (if anything was written) and close; fds are closed even if that fails."""
         try:
+            if self._fd is not None and getattr(self, "_fwd_pins", None) is not None:
+                # closing means no forwarded IO is in flight any more: drop the pins (so the
+                # frees the flush below commits happen now) and finish the deferred ones
+                with self._lock:
+                    self._fwd_pins.clear()
+                    for idx in sorted(self._fwd_deferred):
+                        self._decref(idx << self.cluster_bits)
+                    self._fwd_deferred.clear()
             if self._fd is not None and not self.readonly and getattr(self, "_write_ready",
                                                                       False):
                 self.flush()
@@ -509,6 +526,11 @@ class Qcow2Image:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+    def fileno(self):
+        """The image file's descriptor (for doing IO at offsets from map_forward)."""
+        self._check_open()
+        return self._fd
 
     def _check_open(self):
         if self._fd is None:
@@ -745,6 +767,63 @@ class Qcow2Image:
         """End a pin taken by map_range/allocate_for_write(pin=True)."""
         self._io_exit()
 
+    def map_forward(self, offset, length, write=False, fua=False):
+        """Host offset for serving this request by plain IO on the image file, or None.
+
+        Only when the range lies in one cluster and that cluster is data of this image
+        (not backing, zero or compressed); for a write, also exclusively owned (COPIED
+        in L1 and L2) so it is overwritten in place, and for FUA only when no metadata
+        update is pending (RWF_DSYNC then makes the write durable with its mapping).
+        A non-None result pins the host cluster: call unpin_forward() with the host
+        offset once the IO is done. Raises like readinto/write for bad ranges.
+        """
+        self._check_open()
+        self._check_range(offset, length)
+        cb = self.cluster_bits
+        if not length or offset >> cb != (offset + length - 1) >> cb:
+            return None
+        with self._lock:
+            if write:
+                if self.readonly:
+                    raise self._err("image is opened read-only")
+                if fua and (self._pend_l1 or self._pend_l2):
+                    return None
+                self._prepare_write()
+                fe = self._fast_extent(offset, length)
+                if fe is None or fe[1] != length:
+                    return None
+                host = fe[0]
+            else:
+                ext = self._map_locked(offset, length)
+                if len(ext) != 1 or ext[0][2] != "data":
+                    return None
+                host = ext[0][3]
+            idx = host >> cb
+            pins = self._fwd_pins
+            pins[idx] = pins.get(idx, 0) + 1
+            return host
+
+    def unpin_forward(self, hosts):
+        """End the pins of forwarded IOs at these host offsets (from map_forward)."""
+        cb = self.cluster_bits
+        with self._lock:
+            pins = self._fwd_pins
+            for h in hosts:
+                idx = h >> cb
+                c = pins.get(idx, 0) - 1
+                if c > 0:
+                    pins[idx] = c
+                    continue
+                pins.pop(idx, None)
+                if idx in self._fwd_deferred:
+                    self._fwd_deferred.discard(idx)
+                    self._decref(idx << cb)
+
+    def forwards_pinned(self):
+        """Number of host clusters pinned by forwarded IO (for tests and stats)."""
+        with self._lock:
+            return len(self._fwd_pins)
+
     # ------------------------------------------------------------------ reads
 
     def readinto(self, offset, buf):
@@ -970,6 +1049,10 @@ class Qcow2Image:
             raise self._err(f"refcount of cluster 0x{off:x} is already 0 while freeing "
                             "(image corrupt?)")
         if rc == 1:
+            if idx in self._fwd_pins:
+                # a forwarded IO still uses it: free it at the last unpin_forward()
+                self._fwd_deferred.add(idx)
+                return
             self._io_drain()
             self._l2_cache.drop(off)
             self._rb_cache.drop(off)

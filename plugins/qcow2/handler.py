@@ -2,10 +2,18 @@
 
 Requests never span two clusters (``chunk_size`` = the cluster size), so each one maps to at
 most one L2 entry.  Flush and FUA make the image durable in the engine's crash-safe order.
+
+Fast path (``forward: true``, the default): a READ of a data cluster of this image, or a WRITE
+to a data cluster it owns exclusively (COPIED), is resolved here to the host offset and handed
+to the native core, which moves the data between the request and the image file without
+copying it through Python.  Everything else (backing, zero, compressed and unallocated clusters,
+COW, discard, write-zeroes, flush) takes the Python path through the engine.  The host cluster
+stays pinned until the core reports the IO done, so a racing discard or COW defers freeing it.
 """
 from __future__ import annotations
 
 from runner.handler import SIZE, Handler, Opt
+from runner.queue import OP_WRITE
 
 from .engine import Qcow2Image, create
 
@@ -22,6 +30,8 @@ class Qcow2Handler(Handler):
         "create": Opt(bool, default=False,
                       help="create the image (qcow2 v3, 64K clusters) at the device size if missing"),
         "cluster_size": Opt(SIZE, default="64K", help="cluster size for a created image"),
+        "forward": Opt(bool, default=True,
+                       help="serve READ/WRITE of allocated clusters in the native core (no copy through Python)"),
     }
     can_flush = can_fua = True
 
@@ -46,9 +56,18 @@ class Qcow2Handler(Handler):
         self.discard_granularity = img.cluster_size
         writable = not img.readonly
         self.can_write = self.can_discard = self.can_write_zeroes = writable
+        self.forward_fd = img.fileno() if options.get("forward", True) else None
 
     def close(self):
         self.img.close()
+
+    def forward(self, op, offset, length, fua):
+        """Host offset to forward this READ/WRITE to (pinned), or None for the Python path."""
+        return self.img.map_forward(offset, length, write=op == OP_WRITE, fua=fua)
+
+    def forwarded(self, done):
+        """Forwarded requests finished: release their host clusters."""
+        self.img.unpin_forward([d.host_offset for d in done])
 
     def read(self, offset, buf):
         self.img.readinto(offset, buf)

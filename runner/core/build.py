@@ -82,7 +82,10 @@ struct ubq_stats {
     int32_t last_kernel_error;
     uint32_t aborted;
     uint64_t lat_us[...];
+    uint64_t forwarded;
+    uint64_t forward_errors;
 };
+#define UBQ_REQ_FORWARDED ...
 
 #define UBLK_U_CMD_GET_QUEUE_AFFINITY ...
 #define UBLK_U_CMD_GET_DEV_INFO ...
@@ -117,6 +120,8 @@ int ubq_set_native_file(struct ubq *q, int fd);
 int ubq_run(struct ubq *q, const uint16_t *tags, const int32_t *results, uint32_t n_done,
             struct ubq_req *out, uint32_t max_out, int timeout_ms);
 int ubq_complete(struct ubq *q, uint16_t tag, int32_t result);
+int ubq_set_forward_fd(struct ubq *q, int fd);
+int ubq_forward(struct ubq *q, const uint16_t *tags, const uint64_t *host_offs, uint32_t n);
 int ubq_poll_fd(struct ubq *q);
 ssize_t ubq_copy_from_req(struct ubq *q, uint16_t tag, void *dst, size_t len, size_t off);
 ssize_t ubq_copy_to_req(struct ubq *q, uint16_t tag, const void *src, size_t len, size_t off);

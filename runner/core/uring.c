@@ -30,6 +30,7 @@
 #define UD_CANCEL (3ULL << 56)
 #define UD_TARGET (4ULL << 56) /* native file IO on the backing fd */
 #define UD_TIMER  (5ULL << 56) /* native null's injected latency */
+#define UD_FWD    (6ULL << 56) /* a forwarded request's IO on the backing fd */
 #define UD_KIND(ud) ((ud) & (0xffULL << 56))
 
 #define CTRL_STAGING 4096
@@ -233,6 +234,7 @@ enum tag_state {
 	TAG_BACKEND = 1,    /* the backend holds the request */
 	TAG_COMPLETING = 2, /* completed by the backend, commit not yet queued */
 	TAG_ABORTED = 3,    /* the kernel aborted the tag; never reused */
+	TAG_FORWARDED = 4,  /* forwarded: the core owns it until its IO completes (no ubq_complete) */
 };
 
 struct ubq {
@@ -270,6 +272,8 @@ struct ubq {
 	struct __kernel_timespec null_latency;
 	uint32_t null_error_ops; /* bit per UBLK_IO_OP_* */
 	int32_t null_error;
+	int forward;        /* ubq_set_forward_fd was called: slot 1 is the forward target */
+	uint64_t *fwd_host; /* per tag: host offset of the forwarded IO, reported back on completion */
 
 	struct ubq_stats st;
 };
@@ -438,6 +442,7 @@ void ubq_close(struct ubq *q)
 	if (q->tbufs)
 		munmap(q->tbufs, q->tbufs_len);
 	munmap((void *)q->iods, q->iods_len);
+	free(q->fwd_host);
 	free((void *)q->state);
 	free(q->t_deliver);
 	free(q->remote_result);
@@ -487,12 +492,17 @@ int ubq_set_native_null(struct ubq *q, uint32_t latency_us, uint32_t error_ops, 
 	return 0;
 }
 
-int ubq_set_native_file(struct ubq *q, int fd)
+/* Put fd in fixed slot 1 and, in user-copy mode, map per-tag staging buffers (the kernel does not
+ * let io_uring read or write the char device's user-copy window with fixed buffers, and a direct
+ * file<->cdev copy would need splice; a bounce buffer plus one pread/pwrite is the simple way). */
+static int ubq_attach_backing(struct ubq *q, int fd)
 {
 	int ret;
 
 	if (q->fetched)
 		return -EBUSY;
+	if (fd < 0)
+		return -EBADF;
 	ret = io_uring_register_files_update(&q->ring, 1, &fd, 1);
 	if (ret < 0)
 		return ret;
@@ -506,7 +516,34 @@ int ubq_set_native_file(struct ubq *q, int fd)
 		}
 	}
 	q->backing_fd = fd;
+	return 0;
+}
+
+int ubq_set_native_file(struct ubq *q, int fd)
+{
+	int ret = ubq_attach_backing(q, fd);
+
+	if (ret < 0)
+		return ret;
 	q->native = UBQ_NATIVE_FILE;
+	return 0;
+}
+
+int ubq_set_forward_fd(struct ubq *q, int fd)
+{
+	int ret;
+
+	if (q->native != UBQ_NATIVE_NONE)
+		return -EINVAL; /* a native target already owns slot 1 and every request */
+	if (!q->fwd_host) {
+		q->fwd_host = calloc(q->depth, sizeof(*q->fwd_host));
+		if (!q->fwd_host)
+			return -ENOMEM;
+	}
+	ret = ubq_attach_backing(q, fd);
+	if (ret < 0)
+		return ret;
+	q->forward = 1;
 	return 0;
 }
 
@@ -735,6 +772,100 @@ static void ubq_native_file_done(struct ubq *q, uint16_t tag, int32_t res)
 	ubq_native_commit(q, tag, res);
 }
 
+/* Start one forwarded request: like ubq_native_file, but at the backend's host offset, and only
+ * READ/WRITE (ubq_forward checked that).  Failures before the IO is queued still go through a
+ * UD_FWD completion (a NOP carrying the error), so every forward is reported exactly once. */
+static void ubq_forward_one(struct ubq *q, uint16_t tag, uint64_t host)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	unsigned op = iod->op_flags & 0xff;
+	uint32_t len = iod->nr_sectors << 9;
+	uint8_t *buf = ubq_data_buf(q, tag);
+	struct io_uring_sqe *sqe;
+	int32_t early = 0;
+
+	atomic_store(&q->state[tag], TAG_FORWARDED);
+	q->fwd_host[tag] = host;
+	q->st.forwarded++;
+	if (op == UBLK_IO_OP_WRITE && q->user_copy) {
+		ssize_t n = pread(q->cdev_fd, buf, len, (off_t)ublk_user_copy_pos(q->q_id, tag));
+		if (n != (ssize_t)len)
+			early = n < 0 ? -errno : -EIO;
+	}
+	sqe = ubq_get_sqe(q);
+	if (!sqe) {
+		/* cannot happen with depth+8 SQ slots and a submit on full; never lose the tag */
+		q->remote_result[tag] = -EAGAIN;
+		ubq_native_commit(q, tag, -EAGAIN);
+		return;
+	}
+	if (early) {
+		io_uring_prep_nop(sqe);
+	} else if (op == UBLK_IO_OP_READ) {
+		io_uring_prep_read(sqe, 1, buf, len, host);
+		sqe->flags |= IOSQE_FIXED_FILE;
+	} else {
+		io_uring_prep_write(sqe, 1, buf, len, host);
+		sqe->flags |= IOSQE_FIXED_FILE;
+		if (iod->op_flags & UBLK_IO_F_FUA)
+			sqe->rw_flags = RWF_DSYNC;
+	}
+	sqe->user_data = UD_FWD | tag;
+	q->remote_result[tag] = early; /* tag is ours until committed: reuse the slot */
+}
+
+int ubq_forward(struct ubq *q, const uint16_t *tags, const uint64_t *host_offs, uint32_t n)
+{
+	uint32_t i;
+
+	if (!q->forward)
+		return -EBADF;
+	/* All or nothing: a caller must never believe a request was forwarded when it was not. */
+	for (i = 0; i < n; i++) {
+		uint16_t tag = tags[i];
+		unsigned op;
+
+		if (tag >= q->depth || atomic_load(&q->state[tag]) != TAG_BACKEND)
+			return -EINVAL;
+		op = q->iods[tag].op_flags & 0xff;
+		if (op != UBLK_IO_OP_READ && op != UBLK_IO_OP_WRITE)
+			return -EINVAL;
+		if ((uint64_t)q->iods[tag].nr_sectors << 9 > q->max_io_bytes)
+			return -EINVAL;
+	}
+	for (i = 0; i < n; i++)
+		ubq_forward_one(q, tags[i], host_offs[i]);
+	return (int)n;
+}
+
+/* A forwarded IO completed: finish the data copy, commit, and describe it in *out. */
+static void ubq_forward_done(struct ubq *q, uint16_t tag, int32_t res, struct ubq_req *out)
+{
+	const struct ublksrv_io_desc *iod = &q->iods[tag];
+	uint32_t op_flags = iod->op_flags;
+	uint32_t len = iod->nr_sectors << 9;
+
+	if (q->remote_result[tag] < 0) {
+		res = q->remote_result[tag];
+	} else if ((op_flags & 0xff) == UBLK_IO_OP_READ && res >= 0) {
+		uint8_t *buf = ubq_data_buf(q, tag);
+		if ((uint32_t)res < len) { /* past the end of the file reads as zeros */
+			memset(buf + res, 0, len - res);
+			res = (int32_t)len;
+		}
+		if (q->user_copy && pwrite(q->cdev_fd, buf, len, (off_t)ublk_user_copy_pos(q->q_id, tag)) != (ssize_t)len)
+			res = -EIO;
+	}
+	if (res < 0)
+		q->st.forward_errors++;
+	out->offset = q->fwd_host[tag];
+	out->length = (uint32_t)res;
+	out->op_flags = op_flags | UBQ_REQ_FORWARDED;
+	out->tag = tag;
+	/* commit last: after it the kernel may reuse the tag and rewrite its descriptor */
+	ubq_native_commit(q, tag, res);
+}
+
 /* A request arrived for tag: serve it natively or hand it out.  Returns 1 if handed out. */
 static int ubq_deliver(struct ubq *q, uint16_t tag, struct ubq_req *out)
 {
@@ -785,6 +916,11 @@ static uint32_t ubq_reap(struct ubq *q, struct ubq_req *out, uint32_t max_out)
 			continue;
 		if (UD_KIND(ud) == UD_TARGET) {
 			ubq_native_file_done(q, tag, cqe->res);
+			continue;
+		}
+		if (UD_KIND(ud) == UD_FWD) {
+			ubq_forward_done(q, tag, cqe->res, out + n);
+			n++;
 			continue;
 		}
 		if (UD_KIND(ud) == UD_TIMER) {

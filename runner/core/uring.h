@@ -62,6 +62,8 @@ struct ubq_stats {
 	int32_t last_kernel_error;
 	uint32_t aborted;         /* tags the kernel has aborted */
 	uint64_t lat_us[UBQ_LAT_BUCKETS];
+	uint64_t forwarded;       /* READ/WRITE requests the backend forwarded (ubq_forward) */
+	uint64_t forward_errors;  /* of those, how many completed with an error */
 };
 
 /* pollable: the queue will be driven from an event loop through ubq_poll_fd.  Otherwise the
@@ -86,6 +88,21 @@ int ubq_set_native_file(struct ubq *q, int fd);
  */
 int ubq_run(struct ubq *q, const uint16_t *tags, const int32_t *results, uint32_t n_done,
 	    struct ubq_req *out, uint32_t max_out, int timeout_ms);
+/*
+ * Forwarding: a Python-served queue resolves a READ/WRITE to one contiguous range of a file
+ * (e.g. a qcow2 image cluster) and lets the core move the data and commit, so the payload never
+ * passes through Python.  ubq_set_forward_fd (before ubq_fetch_all) registers the file in fixed
+ * slot 1, the slot the native file target uses.  ubq_forward (owner thread) starts tags[i] at
+ * host_offs[i] in that file; the IO is submitted with the next ubq_run.  When it completes the core
+ * commits the request itself and ubq_run reports it in `out` as an entry whose op_flags carry
+ * UBQ_REQ_FORWARDED, offset = the host offset, length = the result (an int32: bytes or -errno),
+ * so the backend learns when the host range is no longer in use.  FUA writes use RWF_DSYNC.
+ * ubq_forward checks every entry first (owned by the backend, READ or WRITE, fits max_io_bytes)
+ * and starts none on -EINVAL.
+ */
+#define UBQ_REQ_FORWARDED (1U << 31)
+int ubq_set_forward_fd(struct ubq *q, int fd);
+int ubq_forward(struct ubq *q, const uint16_t *tags, const uint64_t *host_offs, uint32_t n);
 /* Any thread: complete one request; handed to the owner through a lock-free list + eventfd. */
 int ubq_complete(struct ubq *q, uint16_t tag, int32_t result);
 /* Owner thread: an fd that is readable whenever ubq_run(timeout 0) has work; for event loops. */

@@ -77,7 +77,7 @@ class RunnerProcess:
         return result["ready"]
 
     def log(self) -> str:
-        if not self._stderr.closed:
+        if not self._stderr.closed:   # stop() and kill() close it; the log is still worth showing
             self._stderr.flush()
         return self.stderr_path.read_text()
 

@@ -56,7 +56,7 @@ class Repeat(threading.Thread):
 def fio_verify(fio, dev, size="16M"):
     return (fio, "--name=verify", f"--filename={dev}", "--ioengine=io_uring", "--direct=1",
             "--rw=randwrite", "--bs=4k", "--iodepth=16", f"--size={size}", "--verify=crc32c",
-            "--do_verify=1", "--verify_fatal=1", "--verify_backlog=256", "--rate_iops=300",
+            "--do_verify=1", "--verify_fatal=1", "--verify_backlog=256", "--verify_state_save=0", "--rate_iops=300",
             "--allow_file_create=0")
 
 
