@@ -114,8 +114,10 @@ def test_fio_verify_2_queues_and_rbd_export(runner, cluster, image, fio, tmp_pat
     assert open(f"{sysq}/write_cache").read().strip() == "write back"
     assert open(f"{sysq}/fua").read().strip() == "1"
     assert int(open(f"{sysq}/discard_max_bytes").read()) > 0
-    # 8 KiB random writes, iodepth 32, then crc32c verify (8 MiB: TCG + librbd is slow)
-    run_fio(fio, block, "--size=8M")
+    # 8 KiB random writes, iodepth 32, then crc32c verify (8 MiB: TCG + librbd is slow); one job
+    # per CPU, each on its own 4 MiB, so both queues see IO (the queue is the submitting CPU's)
+    run_fio(fio, block, "--size=4M", "--numjobs=2", "--offset_increment=4M", "--cpus_allowed=0-1",
+            "--cpus_allowed_policy=split")
     through_device = read_direct(block, 0, 8 * MiB)
     flush_device(block)
     # what the runner wrote, read by another client (the runner still holds the lock)
