@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 from . import ublk
@@ -161,78 +160,19 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
-def _qcow2():
-    try:
-        from ublk_plugins import qcow2
-        from ublk_plugins.qcow2 import check
-    except ImportError as e:  # a source checkout that was never installed
-        raise RuntimeError(f"the qcow2 plugin is not importable ({e}); pip install -e .") from e
-    return qcow2, check
+def _add_plugin_commands(sub, plugins) -> None:
+    """Commands that plugins add (``ublk_runner_add_commands``); a plugin that fails is named
+    on stderr and the rest of the command line still works."""
+    if plugins is None:
+        from .plugins import load_plugins
+        plugins = load_plugins()
+    for plugin, exc in plugins.call_each("ublk_runner_add_commands", subparsers=sub):
+        print(f"ublk-runner: warning: plugin {plugin} could not add its commands: {exc}", file=sys.stderr)
 
 
-def cmd_qcow2_create(args) -> int:
-    from .handler import parse_size
-    qcow2, _ = _qcow2()
-    if os.path.exists(args.path) and not args.force:
-        raise RuntimeError(f"{args.path} exists (use --force to overwrite)")
-    try:
-        size, cs = parse_size(args.size), parse_size(args.cluster_size)
-    except ValueError as e:
-        raise RuntimeError(str(e)) from e
-    try:
-        qcow2.create(args.path, size, cluster_size=cs, version=2 if args.compat == "0.10" else 3,
-                     backing=args.backing, backing_format=args.backing_format)
-    except (qcow2.Qcow2Error, OSError) as e:
-        raise RuntimeError(str(e)) from e
-    return 0
-
-
-def cmd_qcow2_info(args) -> int:
-    qcow2, _ = _qcow2()
-    try:
-        with qcow2.Qcow2Image.open(args.path, readonly=True, cache_bytes=1 << 20) as q:
-            info = {
-                "filename": args.path, "format": "qcow2", "virtual-size": q.size,
-                "actual-size": os.stat(args.path).st_blocks * 512, "cluster-size": q.cluster_size,
-                "compat": "1.1" if q.version >= 3 else "0.10", "refcount-bits": q.refcount_bits,
-                "compression-type": "zstd" if q.compression_type == 1 else "zlib",
-                "backing-filename": q.backing_file, "backing-filename-format": q.backing_format,
-                "snapshots": [{"id": i, "name": n, "vm-size": s} for i, n, s in q.snapshots],
-            }
-    except (qcow2.Qcow2Error, OSError) as e:
-        raise RuntimeError(str(e)) from e
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for k, v in info.items():
-            if v not in (None, []):
-                print(f"{k}: {v}")
-    return 0
-
-
-def cmd_qcow2_check(args) -> int:
-    qcow2, check = _qcow2()
-    try:
-        res = check.check(args.path)
-    except (qcow2.Qcow2Error, OSError) as e:
-        print(f"ublk-runner: cannot check {args.path}: {e}", file=sys.stderr)
-        return check.EXIT_FAILED
-    if args.json:
-        print(json.dumps({"filename": args.path, "corruptions": res["corruptions"], "leaks": res["leaks"],
-                          "errors": res["errors"], "image-end-offset": res["image_end_offset"]}, indent=2))
-    else:
-        for m in res["errors"]:
-            print(f"ERROR {m}")
-        if res["leaks"]:
-            print(f"{res['leaks']} leaked clusters were found on the image.")
-        if res["corruptions"]:
-            print(f"{res['corruptions']} errors were found on the image.")
-        if not res["leaks"] and not res["corruptions"]:
-            print("No errors were found on the image.")
-    return check.exit_code(res)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins=None) -> argparse.ArgumentParser:
+    """The command line; ``plugins`` (a loaded :class:`runner.plugins.Plugins`) adds its
+    commands, by default the autoloaded plugins'."""
     parser = argparse.ArgumentParser(prog="ublk-runner", description="Userspace block devices on Linux's ublk driver.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -282,26 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also devices not created by ublk-runner")
     p.add_argument("--include-quiesced", action="store_true",
                    help="also QUIESCED devices that are waiting for user recovery")
-    q = sub.add_parser("qcow2", help="create, inspect and check qcow2 images (qemu-img stays the reference)",
-                       description="create, inspect and check qcow2 images (qemu-img stays the reference)")
-    qsub = q.add_subparsers(dest="qcow2_command", required=True, metavar="SUBCOMMAND")
-    p = qsub.add_parser("create", help="create an empty image")
-    p.set_defaults(func=cmd_qcow2_create)
-    p.add_argument("path")
-    p.add_argument("size", help="virtual size, e.g. 10G")
-    p.add_argument("--cluster-size", default="64K", help="512 to 2M, a power of two (default 64K)")
-    p.add_argument("--compat", choices=["0.10", "1.1"], default="1.1", help="qcow2 version 2 (0.10) or 3 (1.1)")
-    p.add_argument("-b", "--backing", help="backing file (relative paths: to the new image's directory)")
-    p.add_argument("-F", "--backing-format", choices=["raw", "qcow2"], help="format of the backing file")
-    p.add_argument("--force", action="store_true", help="overwrite an existing file")
-    p = qsub.add_parser("info", help="header facts: size, cluster size, version, backing file, snapshots")
-    p.set_defaults(func=cmd_qcow2_info)
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p = qsub.add_parser("check", help="refcounts against references; exit 0 clean, 2 corrupt, 3 leaks only, 1 failed")
-    p.set_defaults(func=cmd_qcow2_check)
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_plugin_commands(sub, plugins)
     return parser
 
 

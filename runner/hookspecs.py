@@ -76,11 +76,18 @@ def ublk_runner_device_stopped(device: Any) -> None:
 
 
 @hookspec
-def ublk_runner_add_cli_options(parser: Any) -> None:
-    """Add command-line options.
+def ublk_runner_add_commands(subparsers: Any) -> None:
+    """Add subcommands to the ``ublk-runner`` command line.
 
-    ``parser`` is the runner's :class:`argparse.ArgumentParser`; add an
-    argument group named after the plugin, and prefix long options with the
-    plugin name to avoid clashes. Called before arguments are parsed, so
-    only plugins found by autoload or named with ``--plugin`` take part.
+    ``subparsers`` is the ``argparse`` sub-parsers action of ``ublk-runner``:
+    call ``subparsers.add_parser(NAME, help=...)`` and give each command a
+    ``func`` default, ``parser.set_defaults(func=f)``, where ``f(args)``
+    returns the exit status. ``f`` may raise :class:`RuntimeError` with a
+    message for the user (printed as ``ublk-runner: MESSAGE``, exit status 1).
+    Name the command after the plugin (the ``qcow2`` plugin adds ``ublk-runner
+    qcow2 ...``); a name that is already taken is refused with a warning and
+    the rest of the command line works on. Called on every invocation, with
+    the plugins found through entry points (``UBLK_RUNNER_DISABLE_PLUGIN_AUTOLOAD=1``
+    turns them off), before arguments are parsed, so import what the commands need
+    inside ``f``, not in the hook. The return value is ignored.
     """

@@ -332,11 +332,12 @@ class Plugins:
             except Exception as e:
                 self._fail(name, dist, version, "hook", e)
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call a lifecycle hook (``ublk_runner_device_started``, ...) on
-        every plugin in load order; a plugin's exception is logged with its
-        name and does not stop the others. Results are discarded."""
-        done = set()
+    def call_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, BaseException]]:
+        """Call a hook on every plugin in load order, each on its own, so
+        one plugin's exception does not stop the others. Results are
+        discarded; returns ``(plugin name with distribution, exception)``
+        for each plugin that raised."""
+        done, failed = set(), []
         for impl in self._impls_in_order(hook_name):
             name = impl.plugin_name
             if name in done:
@@ -344,9 +345,16 @@ class Plugins:
             done.add(name)
             try:
                 self._call_one(hook_name, name, kwargs)
-            except Exception:
+            except Exception as e:
                 dist, version = self._dist.get(name, (None, None))
-                log.exception("plugin %r%s raised in %s", name, _dist_label(dist, version), hook_name)
+                failed.append((f"{name!r}{_dist_label(dist, version)}", e))
+        return failed
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call a lifecycle hook (``ublk_runner_device_started``, ...) with
+        :meth:`call_each`, logging each plugin's exception."""
+        for plugin, exc in self.call_each(hook_name, **kwargs):
+            log.error("plugin %s raised in %s", plugin, hook_name, exc_info=exc)
 
     # -- introspection -----------------------------------------------------
 

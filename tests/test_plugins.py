@@ -535,3 +535,53 @@ def test_sample_distribution_installs_into_venv_and_is_found(tmp_path):
     assert res["read"] == [9, 9, 9, 9]
     assert ["sample", "ublk-runner-sample-handler", "0.1.0", ["sample-mem"]] in res["plugins"]
     assert not [e for e in res["errors"] if "sample" in e]
+
+
+# ---------------------------------------------------------------------------
+# plugin commands (ublk_runner_add_commands)
+
+
+def test_plugin_commands_added_refused_and_isolated(site, capsys):
+    from runner import cli
+    adds = """
+        from runner.hookspecs import hookimpl
+
+        def hello(args):
+            if args.who == "nobody":
+                raise RuntimeError("nobody to greet")
+            print("hello", args.who)
+            return 3
+
+        @hookimpl
+        def ublk_runner_add_commands(subparsers):
+            p = subparsers.add_parser("hello", help="greet")
+            p.add_argument("who")
+            p.set_defaults(func=hello)
+    """
+    clash = """
+        from runner.hookspecs import hookimpl
+
+        @hookimpl
+        def ublk_runner_add_commands(subparsers):
+            subparsers.add_parser("list").set_defaults(func=lambda args: 99)
+    """
+    raises = """
+        from runner.hookspecs import hookimpl
+
+        @hookimpl
+        def ublk_runner_add_commands(subparsers):
+            raise ImportError("libfoo.so.1 missing")
+    """
+    site.dist("hello-dist", "1.0", {"hello": site.module("helloplug", adds)})
+    site.dist("clash-dist", "1.0", {"clash": site.module("clashplug", clash)})
+    site.dist("raise-dist", "2.0", {"raiser": site.module("raiseplug", raises)})
+    assert cli.main(["hello", "world"]) == 3
+    out, err = capsys.readouterr()
+    assert out == "hello world\n"
+    assert "plugin 'clash' (distribution clash-dist 1.0) could not add its commands" in err
+    assert "conflicting subparser: list" in err
+    assert "plugin 'raiser' (distribution raise-dist 2.0) could not add its commands: libfoo.so.1 missing" in err
+    # the built-in command kept its meaning
+    assert cli.build_parser().parse_args(["list"]).func is cli.cmd_list
+    assert cli.main(["hello", "nobody"]) == 1
+    assert "ublk-runner: nobody to greet" in capsys.readouterr().err

@@ -11,3 +11,9 @@ __all__ = ["Qcow2Error", "Qcow2Image", "create"]
 def ublk_runner_register_handlers(registry):
     from .handler import Qcow2Handler
     registry.add(Qcow2Handler)
+
+
+@hookimpl
+def ublk_runner_add_commands(subparsers):
+    from .cli import add_commands
+    add_commands(subparsers)
