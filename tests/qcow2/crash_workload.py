@@ -28,6 +28,40 @@ def block_content(seed, gen, i, b):
     return struct.pack(">IIII", seed, gen, i, b) * (BLOCK // 16)
 
 
+def _block_results(seed, gen, nblocks):
+    """(block, content it holds after the op) for every block generation ``gen`` touches."""
+    for kind, b, n, i in ops_for_generation(seed, gen, nblocks):
+        for k in range(n):
+            yield b + k, block_content(seed, gen, i, b + k) if kind == "write" else bytes(BLOCK)
+
+
+def expected_after(initial, seed, acked, pending, nblocks):
+    """What the image must hold once generations ``0..acked`` were acknowledged by a flush:
+    ``model[b]`` (block b's acknowledged content) and ``maybe[b]`` (contents the generations in
+    ``pending``, never acknowledged, may also have left there)."""
+    model = [initial[b * BLOCK:(b + 1) * BLOCK] for b in range(nblocks)]
+    for gen in range(acked + 1):
+        for b, data in _block_results(seed, gen, nblocks):
+            model[b] = data
+    maybe = {}
+    for gen in pending:
+        for b, data in _block_results(seed, gen, nblocks):
+            maybe.setdefault(b, []).append(data)
+    return model, maybe
+
+
+def apply_generation(q, seed, gen, nblocks):
+    """Do generation ``gen``'s operations on the open image ``q`` (no flush)."""
+    for kind, b, n, i in ops_for_generation(seed, gen, nblocks):
+        off = b * BLOCK
+        if kind == "write":
+            q.write(off, b"".join(block_content(seed, gen, i, b + k) for k in range(n)))
+        elif kind == "discard":
+            q.discard(off, n * BLOCK)
+        else:
+            q.write_zeroes(off, n * BLOCK)
+
+
 def main():
     plugins, img, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
     spec = importlib.util.spec_from_file_location(
@@ -40,14 +74,7 @@ def main():
     nblocks = q.size // BLOCK
     gen = 0
     while True:
-        for kind, b, n, i in ops_for_generation(seed, gen, nblocks):
-            off = b * BLOCK
-            if kind == "write":
-                q.write(off, b"".join(block_content(seed, gen, i, b + k) for k in range(n)))
-            elif kind == "discard":
-                q.discard(off, n * BLOCK)
-            else:
-                q.write_zeroes(off, n * BLOCK)
+        apply_generation(q, seed, gen, nblocks)
         q.flush()
         print(gen, flush=True)
         gen += 1

@@ -67,3 +67,30 @@ def compare_raw(img, raw):
 
 def info(img):
     return json.loads(qemu_img("info", "--output=json", img).stdout)
+
+
+#: images the crash and power-loss tests write to: fresh v3, v2 over a raw backing file,
+#: v3 with an internal snapshot and compressed/zero clusters, 512-byte clusters with
+#: 64-bit refcounts
+CRASH_VARIANTS = ["fresh-v3-64k", "v2-4k-raw-backing", "v3-snapshot-compressed", "v3-512-refcount64"]
+
+
+def make_variant(tmp, variant, size):
+    """``tmp/c.qcow2`` of ``size`` bytes, made by qemu-img/qemu-io as ``variant`` says."""
+    img = tmp / "c.qcow2"
+    if variant == "fresh-v3-64k":
+        qemu_img("create", "-f", "qcow2", img, size)
+    elif variant == "v2-4k-raw-backing":
+        (tmp / "base.raw").write_bytes(bytes(range(13, 256, 2)) * (size // 122) + bytes(size % 122))
+        qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
+                 "-b", "base.raw", "-F", "raw", img, size)
+    elif variant == "v3-snapshot-compressed":
+        e = size // 8
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16384", img, size)
+        qemu_io(img, f"write -c -P 0x44 0 {e}", f"write -P 0x55 {e} {2 * e}", f"write -z {3 * e} {e}")
+        qemu_img("snapshot", "-c", "s", img)
+    elif variant == "v3-512-refcount64":
+        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img, size)
+    else:
+        raise ValueError(variant)
+    return img

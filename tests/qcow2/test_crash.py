@@ -9,41 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from qcow2_helpers import ROOT, check_rc, qemu_img, qemu_io, to_raw
+from qcow2_helpers import CRASH_VARIANTS, ROOT, check_rc, make_variant, qemu_img, to_raw
 from ublk_plugins.qcow2 import Qcow2Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from crash_workload import BLOCK, block_content, lost_blocks, ops_for_generation  # noqa: E402,E501
+from crash_workload import BLOCK, expected_after, lost_blocks  # noqa: E402
 
 SIZE = 8 << 20
 WORKLOAD = Path(__file__).parent / "crash_workload.py"
 
 
-def make(tmp, variant):
-    img = tmp / "c.qcow2"
-    if variant == "fresh-v3-64k":
-        qemu_img("create", "-f", "qcow2", img, SIZE)
-    elif variant == "v2-4k-raw-backing":
-        base = tmp / "base.raw"
-        base.write_bytes(bytes(range(13, 256, 2)) * (SIZE // 122) + bytes(SIZE % 122))
-        qemu_img("create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096",
-                 "-b", "base.raw", "-F", "raw", img, SIZE)
-    elif variant == "v3-snapshot-compressed":
-        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=16384", img, SIZE)
-        qemu_io(img, "write -c -P 0x44 0 1M", "write -P 0x55 1M 2M", "write -z 3M 1M")
-        qemu_img("snapshot", "-c", "s", img)
-    elif variant == "v3-512-refcount64":
-        qemu_img("create", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", img, SIZE)
-    return img
-
-
-VARIANTS = ["fresh-v3-64k", "v2-4k-raw-backing", "v3-snapshot-compressed", "v3-512-refcount64"]
-
-
 @pytest.mark.parametrize("run", range(20))
 def test_sigkill(tmp_path, run):
-    variant = VARIANTS[run % len(VARIANTS)]
-    img = make(tmp_path, variant)
+    variant = CRASH_VARIANTS[run % len(CRASH_VARIANTS)]
+    img = make_variant(tmp_path, variant, SIZE)
     initial = to_raw(img, tmp_path / "initial.raw")
     snap_before = to_raw(img, tmp_path / "snap0.raw", snapshot="s") \
         if variant == "v3-snapshot-compressed" else None
@@ -67,17 +46,7 @@ def test_sigkill(tmp_path, run):
     # replay: state after the last acknowledged flush, plus what the next generation
     # may have written before the kill
     nblocks = SIZE // BLOCK
-    model = [initial[b * BLOCK:(b + 1) * BLOCK] for b in range(nblocks)]
-    for gen in range(last + 1):
-        for kind, b, n, i in ops_for_generation(seed, gen, nblocks):
-            for k in range(n):
-                model[b + k] = block_content(seed, gen, i, b + k) if kind == "write" \
-                    else bytes(BLOCK)
-    maybe = {}
-    for kind, b, n, i in ops_for_generation(seed, last + 1, nblocks):
-        for k in range(n):
-            maybe.setdefault(b + k, []).append(
-                block_content(seed, last + 1, i, b + k) if kind == "write" else bytes(BLOCK))
+    model, maybe = expected_after(initial, seed, last, [last + 1], nblocks)
     now = to_raw(img, tmp_path / "after.raw")
     with Qcow2Image.open(img, readonly=True) as q:
         gran = min(BLOCK, q.cluster_size)
