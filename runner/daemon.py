@@ -26,6 +26,7 @@ import time
 
 from . import config as _config
 from . import state as _state
+from . import ublk
 from .errors import ConfigError
 from .plugins import load_plugins
 from .server import DeviceFailed, DeviceServer
@@ -111,7 +112,7 @@ class Runner:
             else:
                 if action == _state.REPLACE:
                     log.warning("device %s: %s; deleting it and creating a new device", cfg.name, why)
-                    _state.discard_device(entry.dev_id)
+                    ublk.remove_device(entry.dev_id)
                 else:
                     log.warning("device %s: state entry dropped: %s", cfg.name, why)
                 self.state.drop(cfg.name)
@@ -181,7 +182,7 @@ class Runner:
                 continue
             if action in (_state.RECOVER, _state.REPLACE):
                 log.warning("state: device %s (id %d) is no longer configured; deleting it", name, entry.dev_id)
-                _state.discard_device(entry.dev_id)
+                ublk.remove_device(entry.dev_id)
             self.state.drop(name)
 
     def reload(self) -> None:

@@ -210,11 +210,11 @@ class DeviceServer:
                 time.sleep(min(1.0, left))
 
     def _give_up(self, dev_id: int, why: str) -> None:
-        from .state import discard_device
+        from .ublk import remove_device
         log.error("device %s: cannot recover /dev/ublkb%d: %s; stopping and deleting it, so IO "
                   "waiting on it fails instead of hanging", self.name, dev_id, why)
         try:
-            discard_device(dev_id)
+            remove_device(dev_id)
         except Exception as e:  # noqa: BLE001 - reported, the runner goes on
             log.error("device %s: deleting device %d failed: %s", self.name, dev_id, e)
 
@@ -605,7 +605,7 @@ class DeviceServer:
             "size": self.caps.get("size"), "queues": self.cfg.queues, "depth": self.cfg.depth,
             "mode": ("native-" + self.caps["native_target"][0]) if self.caps.get("native_target")
             else "asyncio" if self.is_async else "python-native" if self.native_queues
-            else "python+forward" if self._forwarder() else "python",
+            else "python+forward" if any(q.forwarding for q in list(self.queues.values())) else "python",
         }
 
 

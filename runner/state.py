@@ -128,19 +128,3 @@ def classify(entry: Entry, digest: str) -> tuple[str, str]:
         return REPLACE, f"device {entry.dev_id} was created from a different configuration"
     return RECOVER, f"device {entry.dev_id} is QUIESCED"
 
-
-def discard_device(dev_id: int, timeout: float = 10.0) -> None:
-    """STOP_DEV + DEL_DEV a device no process serves (queued IO fails with EIO)."""
-    ctl = ublk._control()
-    try:
-        ctl.command("STOP_DEV", dev_id, timeout=timeout)
-    except ublk.UblkError as e:
-        if e.errno == errno.ENODEV:
-            return
-    try:
-        ctl.command("DEL_DEV", dev_id, timeout=timeout)
-    except ublk.UblkError as e:
-        if e.errno == errno.ETIMEDOUT:
-            ctl.command("DEL_DEV_ASYNC", dev_id, timeout=5)
-        elif e.errno != errno.ENODEV:
-            raise

@@ -144,10 +144,11 @@ class WorkerDevice:
 
     def _discard(self) -> None:
         """A killed worker leaves its device QUIESCED: delete it (its state file says which)."""
-        from .state import StateFile, discard_device
+        from .state import StateFile
+        from .ublk import remove_device
         for entry in StateFile(self.state_dir).entries.values():
             try:
-                discard_device(entry.dev_id)
+                remove_device(entry.dev_id)
             except Exception as e:  # noqa: BLE001
                 log.error("device %s: deleting device %d failed: %s", self.name, entry.dev_id, e)
 

@@ -248,6 +248,32 @@ def list_devices() -> list[DeviceInfo]:
     return out
 
 
+def remove_device(dev_id: int, timeout: float = 10.0, *, stop: bool = True,
+                  control: Control | None = None) -> bool:
+    """STOP_DEV (unless ``stop`` is false) and DEL_DEV the device ``dev_id``; False if it was
+    already gone.  IO still queued in the kernel fails with EIO.  A device that is already
+    stopped (DEAD) refuses STOP_DEV, which is fine: DEL_DEV removes it.  If DEL_DEV is not done
+    within ``timeout`` (someone still holds its char device), the kernel finishes the deletion
+    by itself when the last reference drops (DEL_DEV_ASYNC)."""
+    ctl = control or _control()
+    if stop:
+        try:
+            ctl.command("STOP_DEV", dev_id, timeout=timeout)
+        except UblkError as e:
+            if e.errno == _errno.ENODEV:
+                return False
+    try:
+        ctl.command("DEL_DEV", dev_id, timeout=timeout)
+    except UblkError as e:
+        if e.errno == _errno.ETIMEDOUT:
+            ctl.command("DEL_DEV_ASYNC", dev_id, timeout=5)
+        elif e.errno == _errno.ENODEV:
+            return False
+        else:
+            raise
+    return True
+
+
 def cleanup_dead(*, only_ours: bool = True, include_quiesced: bool = False,
                  timeout: float = 10.0) -> list[int]:
     """Delete devices whose server process is gone (e.g. killed with SIGKILL).
@@ -264,17 +290,8 @@ def cleanup_dead(*, only_ours: bool = True, include_quiesced: bool = False,
             continue
         if info.state == "QUIESCED" and not include_quiesced:
             continue
-        if info.state == "LIVE" or info.state == "QUIESCED":
-            try:
-                ctl.command("STOP_DEV", info.dev_id, timeout=timeout)
-            except UblkError:
-                pass
-        try:
-            ctl.command("DEL_DEV", info.dev_id, timeout=timeout)
-        except UblkError as e:
-            if e.errno != _errno.ENODEV:
-                raise
-        deleted.append(info.dev_id)
+        if remove_device(info.dev_id, timeout, stop=info.state in ("LIVE", "QUIESCED"), control=ctl):
+            deleted.append(info.dev_id)
     return deleted
 
 
@@ -583,13 +600,7 @@ class Device:
         if self._cdev_fd >= 0:
             os.close(self._cdev_fd)
             self._cdev_fd = -1
-        try:
-            self._ctl.command("DEL_DEV", self.dev_id, timeout=max(0.1, deadline - time.monotonic()))
-        except UblkError as e:
-            if e.errno == _errno.ETIMEDOUT:
-                self._ctl.command("DEL_DEV_ASYNC", self.dev_id, timeout=5)
-            elif e.errno != _errno.ENODEV:
-                raise
+        remove_device(self.dev_id, max(0.1, deadline - time.monotonic()), stop=False, control=self._ctl)
         self._deleted = True
         _live_devices.discard(self)
         self._ctl.close()
