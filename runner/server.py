@@ -13,8 +13,9 @@ Request paths, chosen once when the device starts:
 - forward (sync path, handler sets ``forward_fd``): before a READ/WRITE is served in Python the
   handler's ``forward(op, offset, length, fua)`` may return an offset in that file; the core then
   does the IO and commits, and ``forwarded(list)`` later tells the handler which finished;
-- asyncio: when the handler's IO methods are coroutine functions, each queue thread runs an
-  event loop and every request is a task (:func:`runner.aio.serve`).
+- asyncio: when the handler's IO methods are coroutine functions, an event loop serves the
+  queues and every request is a task (:func:`runner.aio.serve`): one loop thread for all queues
+  with thread_model "serialize", one per queue with "parallel".
 """
 from __future__ import annotations
 
@@ -151,10 +152,15 @@ class DeviceServer:
             raise DeviceFailed(f"device {self.name!r}: {e}") from e
         try:
             ready = []
-            for q_id in range(cfg.queues):
+            # An asyncio handler with thread_model "serialize" is only ever entered from one
+            # thread: one event loop serves all its queues (the kernel takes one task as the
+            # server of several queues).  Otherwise each queue has its own thread.
+            one_loop = self.is_async and h.thread_model == "serialize"
+            groups = [list(range(cfg.queues))] if one_loop else [[q] for q in range(cfg.queues)]
+            for q_ids in groups:
                 ev = threading.Event()
-                t = threading.Thread(target=self._queue_main, args=(q_id, ev), daemon=True,
-                                     name=f"ublk-{self.name}-q{q_id}")
+                t = threading.Thread(target=self._queue_main, args=(q_ids, ev), daemon=True,
+                                     name=f"ublk-{self.name}-q{'-'.join(map(str, q_ids))}")
                 t.start()
                 self.threads.append(t)
                 ready.append(ev)
@@ -254,33 +260,39 @@ class DeviceServer:
             self.handler = None
 
     # ------------------------------------------------------------------ queue threads
-    def _queue_main(self, q_id: int, ready: threading.Event) -> None:
+    def _queue_main(self, q_ids: list[int], ready: threading.Event) -> None:
         native = self.caps["native_target"]
         fwd = self._forwarder()
+        opened = []
         try:
-            q = self.device.open_queue(q_id, native=native[0] if native else None,
-                                       native_options=native[1] if native else None,
-                                       pollable=self.is_async,
-                                       forward_fd=fwd.forward_fd if fwd else None,
-                                       on_forwarded=fwd.forwarded if fwd else None)
+            for q_id in q_ids:
+                q = self.device.open_queue(q_id, native=native[0] if native else None,
+                                           native_options=native[1] if native else None,
+                                           pollable=self.is_async,
+                                           forward_fd=fwd.forward_fd if fwd else None,
+                                           on_forwarded=fwd.forwarded if fwd else None)
+                self.queues[q_id] = q
+                opened.append(q)
         except BaseException as e:
             self.errors.append(e)
+            for q in opened:
+                q.close()
             ready.set()
             return
-        self.queues[q_id] = q
         try:
             if self.is_async:
-                asyncio.run(self._serve_async(q, ready))
+                asyncio.run(self._serve_async(opened, ready))
             else:
                 ready.set()
-                self._serve_sync(q)
+                self._serve_sync(opened[0])
         except QueueStopped:
             pass
         except BaseException as e:  # a bug in the runner: log it, the device dies with it
-            log.exception("device %s queue %d: serving loop failed", self.name, q_id)
+            log.exception("device %s queue(s) %s: serving loop failed", self.name, q_ids)
             self.errors.append(e)
         finally:
-            q.close()
+            for q in opened:
+                q.close()
 
     def _forwarder(self):
         """The handler if it forwards READ/WRITE to a file through the core (sync path only)."""
@@ -473,9 +485,14 @@ class DeviceServer:
                 ok = r.length if r.op in (OP_READ, OP_WRITE) else 0
                 self._finish(q, it.cell, r, ok, it.buf if (r.op == OP_READ and bufs is not None) else None)
 
-    async def _serve_async(self, q: Queue, ready: threading.Event) -> None:
-        bufs = None if not q.user_copy else _Buffers(q.depth)
+    async def _serve_async(self, queues: list[Queue], ready: threading.Event) -> None:
         from . import aio
+        ready.set()
+        await asyncio.gather(*(aio.serve(q, self._async_handler(q)) for q in queues))
+
+    def _async_handler(self, q: Queue):
+        """The coroutine function that serves one request of ``q`` on its event loop."""
+        bufs = None if not q.user_copy else _Buffers(q.depth)
         h = self.handler
         deadline = self.cfg.request_timeout
 
@@ -514,15 +531,24 @@ class DeviceServer:
                 elif op == OP_DISCARD:
                     await h.discard(r.offset, r.length)
                 elif op == OP_WRITE_ZEROES:
-                    await h.write_zeroes(r.offset, r.length, not r.no_unmap)
+                    await write_zeroes(r)
                 else:
                     raise OSError(errno.EOPNOTSUPP, "unsupported operation")
                 q.complete(r, 0)
             except Exception as e:  # noqa: BLE001
                 self._fail(q, r, e)
 
-        ready.set()
-        await aio.serve(q, handle)
+        async def write_zeroes(r):
+            try:
+                return await h.write_zeroes(r.offset, r.length, not r.no_unmap)
+            except OSError as e:
+                if e.errno != errno.EOPNOTSUPP or not self.caps["can_write"]:
+                    raise
+            zeros = memoryview(bytes(min(r.length, 1 << 20)))
+            for off in range(0, r.length, len(zeros)):
+                await h.write(r.offset + off, zeros[:min(len(zeros), r.length - off)], False)
+
+        return handle
 
     # ------------------------------------------------------------------ deadlines
     def _watchdog(self) -> None:

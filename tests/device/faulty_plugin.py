@@ -134,3 +134,42 @@ class Crashy(Handler):
 @hookimpl(specname="ublk_runner_register_handlers")
 def register_crashy(registry):
     registry.add(Crashy)
+
+
+class OneThreadAsync(Handler):
+    """asyncio, in memory, ``thread_model = "serialize"`` (the default): fails every request that
+    enters it from a second thread, which the runner promises never happens however many queues
+    the device has.  ``write_zeroes`` says EOPNOTSUPP, so the runner writes zeros instead."""
+    name = "one-thread-async"
+    size_required = True
+
+    def __init__(self, options, device):
+        super().__init__(options, device)
+        self.mem = bytearray(device.size)
+        self.thread = None
+
+    def _enter(self):
+        me = threading.get_ident()
+        if self.thread is None:
+            self.thread = me
+        elif self.thread != me:
+            raise OSError(5, "entered from a second thread")
+
+    async def read(self, offset, buf):
+        self._enter()
+        await asyncio.sleep(0)
+        buf[:] = self.mem[offset:offset + len(buf)]
+
+    async def write(self, offset, data, fua):
+        self._enter()
+        self.mem[offset:offset + len(data)] = data
+        await asyncio.sleep(0)
+
+    async def write_zeroes(self, offset, length, may_unmap):
+        self._enter()
+        raise OSError(95, "no native write-zeroes")
+
+
+@hookimpl(specname="ublk_runner_register_handlers")
+def register_one_thread(registry):
+    registry.add(OneThreadAsync)
