@@ -1,5 +1,6 @@
-"""Make a fresh venv holding the sample third-party handler, installed with pip, on top of this
-project's environment (as if ublk-runner were installed there too).
+"""Make a fresh venv holding the handler guide's example package (docs/examples/handler, handler
+``checksum-mem``), installed with pip, on top of this project's environment (as if ublk-runner
+were installed there too).
 
     python tests/make_sample_venv.py DIR
 """
@@ -17,4 +18,4 @@ vsite = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()
 with open(os.path.join(vsite, "ublk_runner_env.pth"), "w") as f:
     f.write(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
 subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                os.path.join(repo, "tests", "sample_handler")], check=True)
+                os.path.join(repo, "docs", "examples", "handler")], check=True)

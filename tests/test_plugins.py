@@ -1,6 +1,7 @@
 """Plugin layer: handler registry, entry-point loading, isolation of broken
-plugins, the handler base class, and a real pip-installed third-party
-handler distribution (tests/sample_handler)."""
+plugins, the handler base class, plugin commands.  A real pip-installed
+third-party distribution (the handler guide's docs/examples/handler) is
+tested in tests/test_docs.py and served as a device in tests/device."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import errno
 import importlib.metadata
 import itertools
 import logging
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
 import types
@@ -35,7 +33,6 @@ from runner.handler import (  # noqa: E402
 from runner.hookspecs import hookimpl  # noqa: E402
 from runner.plugins import ENV_DISABLE_AUTOLOAD, HandlerRegistry, Plugins, RegistryError, load_plugins  # noqa: E402
 
-SAMPLE = ROOT / "tests" / "sample_handler"
 
 
 # ---------------------------------------------------------------------------
@@ -448,93 +445,6 @@ def test_hookimpl_may_take_a_subset_of_arguments():
     assert p.register_plugin(m, "noargs")
     p.notify("ublk_runner_device_stopped", device=object())
     assert seen == [1]
-
-
-# ---------------------------------------------------------------------------
-# the sample third-party distribution
-
-
-def test_sample_handler_in_process(monkeypatch):
-    monkeypatch.syspath_prepend(str(SAMPLE / "src"))
-    import ublk_sample_handler as s
-
-    p = Plugins()
-    p.register_plugin(s, "sample")
-    p._register_handlers()
-    cls = p.registry["sample-mem"]
-    opts, errs = validate_options(cls.options_schema, {"fill": 0xAB})
-    assert errs == []
-    spec = DeviceSpec("m", size=8192)
-    h = cls.open(opts, spec)
-    info = check_instance(h, spec)
-    assert info["can_write"] and info["can_flush"] and info["can_discard"] and info["can_write_zeroes"]
-    buf = bytearray(512)
-    h.read(0, memoryview(buf))
-    assert buf == b"\xab" * 512
-    h.write(512, memoryview(b"\x01" * 512), False)
-    h.write_zeroes(1024, 512, False)
-    h.discard(0, 512)
-    h.flush()
-    h.read(0, memoryview(buf))
-    assert buf == bytes(512)
-    h.read(512, memoryview(buf))
-    assert buf == b"\x01" * 512
-    h.close()
-    _, errs = validate_options(cls.options_schema, {"fill": 256})
-    assert errs == [(("fill",), "256 is out of range (expected 0..255)")]
-
-
-VENV_SNIPPET = """
-import json
-from runner.config import load_config
-from runner.plugins import load_plugins
-p = load_plugins()
-with open("conf.yaml", "w") as f:
-    f.write("devices:\\n  - {name: m0, handler: sample-mem, size: 1M, options: {fill: 9}}\\n")
-dev = load_config("conf.yaml", p.registry).devices[0]
-h = p.registry[dev.handler].open(dev.options, dev.spec())
-buf = bytearray(4)
-h.read(0, memoryview(buf))
-print(json.dumps({
-    "read": list(buf),
-    "plugins": [[i.name, i.distribution, i.version, list(i.handlers)] for i in p.list_plugins()],
-    "errors": [str(f) for f in p.errors],
-    "sample": p.registry.get("sample-mem").__module__ if "sample-mem" in p.registry else None,
-}))
-"""
-
-
-def test_sample_distribution_installs_into_venv_and_is_found(tmp_path):
-    """pip-install tests/sample_handler into a fresh venv (offline, no build
-    isolation) and discover it through its entry point."""
-    import json
-
-    venv = tmp_path / "venv"
-    # --without-pip: the base interpreter's pip is visible through
-    # --system-site-packages, and skipping ensurepip saves ~8 s.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
-    py = venv / "bin" / "python"
-    src = tmp_path / "sample_src"  # build from a copy: pip/setuptools write build/ and *.egg-info
-    shutil.copytree(SAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", ENV_DISABLE_AUTOLOAD)}
-    env.update(PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1")
-    r = subprocess.run(
-        [str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", str(src)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    if r.returncode != 0:
-        out = r.stdout + r.stderr
-        if "No module named pip" in out or "setuptools" in out and "No module named" in out:
-            pytest.skip(f"pip cannot build offline here:\n{out[-2000:]}")
-        pytest.fail(f"pip install failed:\n{out[-4000:]}")
-    env["PYTHONPATH"] = str(ROOT)
-    r = subprocess.run([str(py), "-c", VENV_SNIPPET], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
-    assert r.returncode == 0, r.stderr
-    res = json.loads(r.stdout)
-    assert res["sample"] == "ublk_sample_handler"
-    assert res["read"] == [9, 9, 9, 9]
-    assert ["sample", "ublk-runner-sample-handler", "0.1.0", ["sample-mem"]] in res["plugins"]
-    assert not [e for e in res["errors"] if "sample" in e]
 
 
 # ---------------------------------------------------------------------------
