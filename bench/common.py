@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 from runner.queue import QueueStopped
 from runner.ublk import Device
@@ -27,6 +28,57 @@ def fio(filename: str, rw: str = "randread", runtime: int = 10, iodepth: int = 6
     job = json.loads(p.stdout[p.stdout.index("{"):])["jobs"][0]
     side = job["read"] if "read" in rw else job["write"]
     return {"iops": side["iops"], "lat_us": side["lat_ns"]["mean"] / 1000.0}
+
+
+WORKLOADS = ("randread", "randwrite")
+
+
+def both(dev: str, runtime: int) -> dict:
+    """4k randread and randwrite on ``dev``: {workload: fio result}."""
+    return {rw: fio(dev, rw=rw, runtime=runtime) for rw in WORKLOADS}
+
+
+def wait_for(pred, what: str, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def runner_device(cfg, handler_cls, plugins, runtime: int, stats=None) -> dict:
+    """Serve ``cfg`` with the runner's own DeviceServer (queue threads inherit the caller's CPU
+    affinity) and run ``both`` on it; ``stats(server, result)`` may add to the result."""
+    from runner.server import DeviceServer
+    srv = DeviceServer(cfg, handler_cls, plugins)
+    srv.start()
+    try:
+        res = both(srv.device.block_path, runtime)
+        if stats:
+            stats(srv, res)
+        return res
+    finally:
+        srv.stop()
+
+
+def over_nbd(server_cmd: list, sock: str, runtime: int, nbd_dev: str = "/dev/nbd0") -> dict:
+    """Start an NBD server (``server_cmd`` serving on the unix socket ``sock``) pinned to
+    SERVER_CPU, attach it as ``nbd_dev`` with nbd-client and run ``both`` on it."""
+    proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), *server_cmd])
+    try:
+        wait_for(lambda: os.path.exists(sock), f"{server_cmd[0]}'s socket")
+        p = subprocess.run(["nbd-client", "-unix", sock, nbd_dev, "-b", "4096"], capture_output=True,
+                           text=True, timeout=60)
+        if p.returncode:
+            raise RuntimeError(f"nbd-client {nbd_dev}: {p.stdout}{p.stderr}")
+        try:
+            return both(nbd_dev, runtime)
+        finally:
+            subprocess.run(["nbd-client", "-d", nbd_dev], capture_output=True, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 class ServedDevice:
@@ -73,8 +125,26 @@ class ServedDevice:
 
 def table(title: str, rows: list[tuple[str, dict]], reference: str) -> str:
     ref = next(r for name, r in rows if name == reference)["iops"]
-    out = [title, f"{'target':44} {'IOPS':>10} {'lat us':>9} {'ratio':>7}"]
+    w = max([len(name) for name, _ in rows] + [6])
+    out = [title, f"{'target':{w}} {'IOPS':>10} {'lat us':>9} {'ratio':>7}"]
     for name, r in rows:
-        out.append(f"{name:44} {r['iops']:10.0f} {r['lat_us']:9.1f} {r['iops'] / ref:7.2f}")
+        out.append(f"{name:{w}} {r['iops']:10.0f} {r['lat_us']:9.1f} {r['iops'] / ref:7.2f}")
     out.append(f"(ratio = IOPS / {reference}; TCG guest, compare ratios within one run only)")
     return "\n".join(out)
+
+
+def save_results(path: str, bench: str, title: str, reference: str, rows: dict, **extra) -> None:
+    """Write one bench run as JSON in the shape ``bench/plot.py`` reads.
+
+    ``rows`` maps target → workload (``randread``, ...) → fio result (``iops``, ``lat_us``);
+    other keys of a target are kept as they are.  ``reference`` is the target every ratio of
+    this run is taken against.  Host facts go along because they decide how far one run can be
+    trusted (a busy host moves absolute IOPS by 2x or more)."""
+    import datetime
+    import platform
+    doc = {"bench": bench, "title": title, "reference": reference,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "kernel": platform.release(), "cpus": os.cpu_count(), "rows": rows, **extra}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")

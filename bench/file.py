@@ -5,57 +5,29 @@ randwrite, io_uring, direct, iodepth 64, one job pinned away from the servers.  
     UBLK_VM_MODULES="ublk_drv null_blk loop nbd" tests/vm/run .venv/bin/python bench/file.py
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SERVER_CPU, fio, table  # noqa: E402
+from common import SERVER_CPU, both, over_nbd, runner_device, save_results, table  # noqa: E402
 
 from runner.config import DeviceConfig  # noqa: E402
 from runner.plugins import load_plugins  # noqa: E402
-from runner.server import DeviceServer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def both(dev, runtime):
-    return {rw: fio(dev, rw=rw, runtime=runtime) for rw in ("randread", "randwrite")}
 
 
 def served(plugins, path, size, mode, runtime, user_copy="auto"):
     cfg = DeviceConfig(name=f"bench-{mode}", handler="file", size=size, queues=1, depth=128,
                        user_copy=user_copy, options={"path": path, "direct": False, "mode": mode, "create": True})
-    srv = DeviceServer(cfg, plugins.registry["file"], plugins)
-    srv.start()
-    try:
-        return both(srv.device.block_path, runtime)
-    finally:
-        srv.stop()
+    return runner_device(cfg, plugins.registry["file"], plugins, runtime)
 
 
-def nbd(args, path, runtime, nbd_dev):
+def nbdkit(plugin_args, runtime, nbd_dev):
     sock = f"/run/nbdkit-bench-{os.path.basename(nbd_dev)}.sock"
-    proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), "nbdkit", "-f", "-U", sock, "--exit-with-parent", *args(path)])
-    try:
-        for _ in range(300):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.1)
-        p = subprocess.run(["nbd-client", "-unix", sock, nbd_dev, "-b", "4096"], capture_output=True,
-                           text=True, timeout=60)
-        if p.returncode:
-            raise RuntimeError(f"nbd-client {nbd_dev}: {p.stdout}{p.stderr}")
-        try:
-            return both(nbd_dev, runtime)
-        finally:
-            subprocess.run(["nbd-client", "-d", nbd_dev], capture_output=True, timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    return over_nbd(["nbdkit", "-f", "-U", sock, "--exit-with-parent", *plugin_args], sock, runtime, nbd_dev)
 
 
 def main():
@@ -82,11 +54,9 @@ def main():
     rows["ublk-runner file, native, buffer mode"] = served(plugins, path, args.size, "native", args.runtime, user_copy=False)
     rows["ublk-runner file, Python mode"] = served(plugins, path, args.size, "python", args.runtime)
     if shutil.which("nbdkit") and os.path.exists("/dev/nbd0"):
-        rows["nbdkit file plugin (C) over nbd"] = nbd(lambda p: ["file", f"file={p}"], path, args.runtime,
-                                                      "/dev/nbd0")
-        rows["nbdkit python plugin over nbd"] = nbd(
-            lambda p: ["python", os.path.join(HERE, "nbdkit_file.py"), f"file={p}"], path, args.runtime,
-            "/dev/nbd1")
+        rows["nbdkit file plugin (C) over nbd"] = nbdkit(["file", f"file={path}"], args.runtime, "/dev/nbd0")
+        rows["nbdkit python plugin over nbd"] = nbdkit(
+            ["python", os.path.join(HERE, "nbdkit_file.py"), f"file={path}"], args.runtime, "/dev/nbd1")
     else:
         print("nbdkit or /dev/nbd0 missing: skipping the nbdkit peers (scripts/setup --bench; module nbd)")
     for rw in ("randread", "randwrite"):
@@ -94,8 +64,7 @@ def main():
                     "kernel loop, direct-io"))
         print()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        save_results(args.json, "file", "4k QD64, 1 GiB file on tmpfs", "kernel loop, direct-io", rows)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ pinned away from the queue thread.  Run in the VM:
     tests/vm/run .venv/bin/python bench/null.py [--runtime 10] [--json FILE]
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ServedDevice, fio, table  # noqa: E402
+from common import ServedDevice, fio, save_results, table  # noqa: E402
 
 SIZE = 1 << 30
 
@@ -34,14 +33,14 @@ def main():
     for pollable in (True, False):
         ring = "pollable ring" if pollable else "DEFER_TASKRUN ring"
         with ServedDevice(SIZE, native="null", pollable=pollable) as dev:
-            rows.append((f"native null (core only), {ring}", fio(dev.block_path, runtime=args.runtime)))
+            rows.append((f"ublk-runner native null (core only), {ring}", fio(dev.block_path, runtime=args.runtime)))
         with ServedDevice(SIZE, handle=python_null, pollable=pollable) as dev:
-            rows.append((f"null completed by Python, {ring}", fio(dev.block_path, runtime=args.runtime)))
+            rows.append((f"ublk-runner null completed by Python, {ring}", fio(dev.block_path, runtime=args.runtime)))
     rows.append(("kernel null_blk (again, to see drift)", fio("/dev/nullb0", runtime=args.runtime)))
     print(table("4k randread QD64, 1 queue", rows, "kernel null_blk"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(rows), f, indent=2)
+        save_results(args.json, "null", "4k randread QD64, 1 queue", "kernel null_blk",
+                     {name: {"randread": r} for name, r in rows})
 
 
 if __name__ == "__main__":

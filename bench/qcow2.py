@@ -8,7 +8,6 @@ servers.  In the VM (peers: scripts/setup --bench):
 """
 import argparse
 import glob
-import json
 import os
 import shutil
 import subprocess
@@ -16,18 +15,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SERVER_CPU, fio, table  # noqa: E402
+from common import SERVER_CPU, both, over_nbd, runner_device, save_results, table, wait_for  # noqa: E402
 
 from runner.config import DeviceConfig  # noqa: E402
 from runner.handler import validate_options  # noqa: E402
 from runner.plugins import load_plugins  # noqa: E402
-from runner.server import DeviceServer  # noqa: E402
 
 REFERENCE = "qemu-nbd over nbd"
-
-
-def both(dev, runtime):
-    return {rw: fio(dev, rw=rw, runtime=runtime) for rw in ("randread", "randwrite")}
 
 
 def served(plugins, path, forward, runtime):
@@ -36,44 +30,17 @@ def served(plugins, path, forward, runtime):
     assert not errors, errors
     cfg = DeviceConfig(name=f"bench-qcow2-{'fast' if forward else 'python'}", handler="qcow2", queues=1,
                        depth=128, options=options)
-    srv = DeviceServer(cfg, cls, plugins)
-    srv.start()
-    try:
-        res = both(srv.device.block_path, runtime)
-        fwd = srv.stats()["total"]["forwarded"]
-        ops = srv.stats()["total"]["ops"]
-        res["forwarded_share"] = fwd / max(1, ops.get("read", 0) + ops.get("write", 0))
-        return res
-    finally:
-        srv.stop()
 
-
-def wait_for(pred, what, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
+    def forwarded_share(srv, res):
+        total = srv.stats()["total"]
+        res["forwarded_share"] = total["forwarded"] / max(1, total["ops"].get("read", 0) + total["ops"].get("write", 0))
+    return runner_device(cfg, cls, plugins, runtime, forwarded_share)
 
 
 def qemu_nbd(path, runtime, nbd_dev="/dev/nbd0"):
     sock = "/run/qemu-nbd-bench.sock"
     # qemu-nbd's defaults (writeback cache, thread-pool AIO), pinned like our queue thread
-    proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), "qemu-nbd", "-f", "qcow2", "-k", sock, path])
-    try:
-        wait_for(lambda: os.path.exists(sock), "qemu-nbd's socket")
-        p = subprocess.run(["nbd-client", "-unix", sock, nbd_dev, "-b", "4096"], capture_output=True,
-                           text=True, timeout=60)
-        if p.returncode:
-            raise RuntimeError(f"nbd-client {nbd_dev}: {p.stdout}{p.stderr}")
-        try:
-            return both(nbd_dev, runtime)
-        finally:
-            subprocess.run(["nbd-client", "-d", nbd_dev], capture_output=True, timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    return over_nbd(["qemu-nbd", "-f", "qcow2", "-k", sock, path], sock, runtime, nbd_dev)
 
 
 CFS = "/sys/kernel/config/target"
@@ -179,8 +146,8 @@ def main():
                     [(k, v[rw]) for k, v in rows.items()], ref))
         print()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        save_results(args.json, "qcow2", f"4k QD64, fully allocated {args.size >> 20} MiB qcow2 on tmpfs, "
+                     f"best of {args.rounds}", ref, rows)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ _spec = importlib.util.spec_from_file_location("ublk_bench_common", os.path.join
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 FIO_CPU, SERVER_CPU, fio, table = _common.FIO_CPU, _common.SERVER_CPU, _common.fio, _common.table
+save_results = _common.save_results
 
 MiB = 1 << 20
 
@@ -299,8 +300,12 @@ devices:
         for s in self.skipped:
             print("skipped:", s)
         if self.args.json:
-            with open(self.args.json, "w") as f:
-                json.dump({rw: dict(rows) for rw, rows in self.rows.items()}, f, indent=2)
+            targets: dict = {}
+            for rw, rows in self.rows.items():
+                for name, r in rows:
+                    targets.setdefault(name, {})[rw] = r
+            save_results(self.args.json, "rbd", f"4k QD64, memstore OSD on the VM's loopback, {cache}",
+                         ref, targets, skipped=self.skipped)
 
 
 def parse():

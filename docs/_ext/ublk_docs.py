@@ -147,8 +147,6 @@ def _env_var() -> str:
 
 
 def _device_descriptions():
-    from runner import config as c
-
     return {
         "name": ("a string", "1-64 characters from ``A-Z a-z 0-9 _ . -``; unique; not ``.`` or ``..``",
                  "The device's name in logs, ``ublk-runner list`` and the control socket. Required."),
@@ -160,8 +158,9 @@ def _device_descriptions():
                  "handlers with ``size_required`` refuse a device without it."),
         "id": ("an integer", "unique among devices",
                "Fixed ublk device id, so the disk is ``/dev/ublkb<id>``; ``-1`` lets the kernel pick one."),
-        "queues": ("an integer", "", "Number of hardware queues, each served by its own thread. The kernel "
-                   "caps it at the number of CPUs; asking for more fails the device."),
+        "queues": ("an integer", "", "Number of hardware queues, each served by its own thread (an asyncio handler "
+                   "with ``thread_model: serialize``: one thread for all). The kernel caps it at the number "
+                   "of CPUs; asking for more fails the device."),
         "depth": ("an integer", "", "Requests in flight per queue (tags)."),
         "block_size": ("a size", "", "Logical block size; every request offset and length is a multiple of it."),
         "physical_block_size": ("a size", "a power of two >= ``block_size``",
@@ -374,8 +373,8 @@ KERNEL_FEATURES = {
     "SUPPORT_ZERO_COPY": ("defined 6.0, works from 6.15", "masked off", "not used"),
     "URING_CMD_COMP_IN_TASK": ("6.0", "yes (forced on)", "implicit"),
     "NEED_GET_DATA": ("6.0", "yes", "library option ``need_get_data`` in buffer mode; the runner does not set it"),
-    "USER_RECOVERY": ("6.1", "yes", "``recovery: requeue`` (flag only; re-attach is planned)"),
-    "USER_RECOVERY_REISSUE": ("6.1", "yes", "``recovery: reissue`` (flag only)"),
+    "USER_RECOVERY": ("6.1", "yes", "``recovery: auto|requeue`` (the default): a restarted runner or worker re-attaches, :ref:`recovery`"),
+    "USER_RECOVERY_REISSUE": ("6.1", "yes", "``recovery: auto|reissue``: in-flight requests are issued again after recovery (handlers with ``idempotent_writes``)"),
     "UNPRIVILEGED_DEV": ("6.3", "yes", "not supported yet"),
     "CMD_IOCTL_ENCODE": ("6.4", "yes (forced on)", "**required**"),
     "USER_COPY": ("6.5 (with ``GET_FEATURES``)", "yes", "default data path (``user_copy: auto``); buffer mode without it"),
@@ -408,9 +407,64 @@ class KernelFeatures(_RstDirective):
                            "24 10 18 16 32")
 
 
+# ---------------------------------------------------------------- the benchmark plot
+
+def _bench_plot_module(root: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ublk_bench_plot", os.path.join(root, "bench", "plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    return plot
+
+
+def _bench_results(root: str) -> list[str]:
+    import glob
+
+    return sorted(glob.glob(os.path.join(root, "bench", "results", "*.json")))
+
+
+def render_bench_plot(app):
+    """docs/_generated/bench.svg from the committed bench/results/*.json, drawn by bench/plot.py
+    at every build, so the figure and the tables (:class:`BenchResults`) cannot drift apart."""
+    root = os.path.dirname(app.srcdir)
+    _bench_plot_module(root).render(_bench_results(root), os.path.join(app.srcdir, "_generated", "bench.svg"))
+
+
+class BenchResults(_RstDirective):
+    """One table per committed bench result: IOPS, mean latency and the ratio to the run's
+    reference, per workload."""
+
+    def lines(self):
+        root = os.path.dirname(self.env.srcdir)
+        plot = _bench_plot_module(root)
+        out = []
+        for doc in plot.load(_bench_results(root)):
+            self.env.note_dependency(doc["_path"])
+            cells = {(t, wl): (ratio, iops) for t, wl, ratio, iops in plot.ratios(doc)}
+            workloads = [wl for wl in plot.COLOURS if any(k[1] == wl for k in cells)]
+            head = f"bench/{doc['bench']}.py: {doc.get('title', '')}, {doc.get('date', '')[:16].replace('T', ' ')} UTC"
+            out += [f".. list-table:: {head}", "   :header-rows: 1", "",
+                    "   * - target"] + [f"     - {wl} IOPS (ratio)" for wl in workloads]
+            for target, row in doc["rows"].items():
+                out.append(f"   * - {target}")
+                for wl in workloads:
+                    if (target, wl) in cells:
+                        ratio, iops = cells[(target, wl)]
+                        lat = row[wl].get("lat_us")
+                        out.append(f"     - {iops:,.0f} (**{ratio:.2f}**)" + (f", {lat / 1000:.1f} ms" if lat else ""))
+                    else:
+                        out.append("     - --")
+            out += ["", f"Reference: {doc['reference']}; guest kernel {doc.get('kernel', '?')}."
+                    + (f" Skipped: {'; '.join(doc['skipped'])}." if doc.get("skipped") else ""), ""]
+        return out
+
+
 def setup(app):
+    app.connect("builder-inited", render_bench_plot)
     app.add_directive("ublk-config-schema", ConfigSchema)
     app.add_directive("ublk-builtin-handlers", BuiltinHandlers)
     app.add_directive("ublk-cli", CliHelp)
     app.add_directive("ublk-kernel-features", KernelFeatures)
+    app.add_directive("ublk-bench-results", BenchResults)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
