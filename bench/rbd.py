@@ -74,6 +74,20 @@ def cluster_module():
     return mod
 
 
+def cpu_times():
+    """The guest's aggregate /proc/stat CPU times (jiffies): all fields, and idle + iowait."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def cpu_busy(a, b):
+    """Share of both vCPUs' time spent not idle between two cpu_times() (fio and the ramp
+    included): tells whether a run is bound by guest CPU or by waiting (wake-ups)."""
+    total, idle = b[0] - a[0], b[1] - a[1]
+    return 1 - idle / total if total else 0.0
+
+
 def run(*cmd, timeout=600, check=True):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -96,8 +110,10 @@ class Bench:
         i = self.info
         return ["--conf", i["conf"], "--id", i["client_id"], "--keyring", i["keyring"]]
 
-    def measure(self, label, path):
+    def measure(self, label, path, counters=None):
         for rw in ("randread", "randwrite"):
+            before = counters() if counters else None
+            cpu0 = cpu_times()
             perf = None
             if self.args.perf and shutil.which("perf"):
                 # system-wide CPU samples by thread, to see which CPU work each path costs
@@ -110,11 +126,23 @@ class Bench:
             r = fio(path, rw=rw, runtime=self.args.runtime, iodepth=64)
             if perf is not None:
                 perf.wait(timeout=120)
-            print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us", flush=True)
+            busy = cpu_busy(cpu0, cpu_times())
+            print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us "
+                  f"(guest CPUs {busy:.0%} busy)", flush=True)
+            r["guest_busy"] = busy
+            if counters:
+                # per request: how often librbd's thread woke the queue thread, how often the
+                # queue thread slept, and how many requests each ring pass handed to librbd
+                d = {k: v - before[k] for k, v in counters().items()}
+                reqs = max(1, d["requests"])
+                print(f"  {'':40} {rw:9} signals/req {d['signals'] / reqs:.2f} "
+                      f"waits/req {d['waits'] / reqs:.2f} req/batch "
+                      f"{d['requests'] / max(1, d['batches']):.1f}", flush=True)
             self.rows[rw].append((label, r))
 
     # ---- targets ------------------------------------------------------------------------------
-    def ublk(self, tmp, native=True):
+    def ublk(self, tmp, native=True, queues=None):
+        queues = queues or self.args.queues
         from tests.device.runnerproc import RunnerProcess
         i = self.info
         copts = ([] if self.args.cache else ["rbd_cache=false"]) + self.args.librbd_opt
@@ -125,7 +153,7 @@ class Bench:
 devices:
   - name: rbdbench
     handler: rbd
-    queues: {self.args.queues}
+    queues: {queues}
     depth: 128
     options:
       pool: {i['pool']}
@@ -138,7 +166,7 @@ devices:
             run("taskset", "-a", "-p", "-c", self.args.server_cpus, str(r.proc.pid))
             d = r.devices()["rbdbench"]
             path = "native C path" if native else "Python path"
-            label = f"ublk-runner rbd, {path} ({self.args.queues}q)"
+            label = f"ublk-runner rbd, {path} ({queues}q)"
             print(f"  {label}: mode {d.get('mode')}", flush=True)
             prof = None
             if self.args.profile and shutil.which("py-spy"):
@@ -148,7 +176,13 @@ devices:
                     ["py-spy", "record", "--threads", "--native", "-r", "50", "-f", "raw",
                      "-d", str(2 * self.args.runtime + 4), "-o", out + ".txt",
                      "-p", str(r.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            self.measure(label, d["block"])
+
+            def counters():
+                qs = r.cli_json("stats", "rbdbench")["rbdbench"]["queues"].values()
+                out = {k: sum(q[k] for q in qs) for k in ("signals", "waits", "batches")}
+                out["requests"] = sum(sum(q["ops"].values()) for q in qs)
+                return out
+            self.measure(label, d["block"], counters)
             if prof is not None:
                 prof.wait(timeout=120)
         finally:
@@ -284,6 +318,7 @@ devices:
             tmp = tempfile.mkdtemp(prefix="rbd-bench-")
             for name in self.args.targets.split(","):
                 {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
+                 "ublk2": lambda: self.ublk(tmp, queues=2),
                  "krbd": self.krbd, "nbd": self.nbd,
                  "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
@@ -313,7 +348,7 @@ def parse():
                     help="bytes per 'rbd bench' run (it has no time limit)")
     ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
                     help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
-                         "C path), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
+                         "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
     ap.add_argument("--server-cpus", default=str(SERVER_CPU),
                     help="CPU list (taskset) for the userspace servers (runner, rbd-nbd) and "
                          "all their threads, librbd's included")
