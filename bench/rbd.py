@@ -2,7 +2,8 @@
 client (krbd, ``rbd map``), ``rbd-nbd`` (librbd behind /dev/nbdX), and ``rbd bench`` (librbd's
 C++ API with no block device at all, the ceiling for the librbd-based paths). fio 4k randread and
 randwrite, io_uring, direct, iodepth 64, one job pinned to CPU 1; the userspace servers (runner,
-rbd-nbd) are pinned to CPU 0; the Ceph daemons float.
+rbd-nbd, with all their threads) may run on both vCPUs, like krbd's kernel threads and the Ceph
+daemons (``--server-cpus 0`` pins them to CPU 0 instead, as before 2026-11-29).
 
 A throw-away cluster (one monitor, one memstore OSD) is brought up on the VM's loopback by
 tests/ceph/cluster.py; the image is written in full first, so no target reads holes that the
@@ -349,9 +350,12 @@ def parse():
     ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
                     help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
                          "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
-    ap.add_argument("--server-cpus", default=str(SERVER_CPU),
+    # Both vCPUs by default: the runs are bound by guest CPU, and krbd's client work (kernel
+    # threads, softirqs) runs on both; pinning only the userspace servers to one vCPU halved
+    # what librbd could use (docs/performance.rst).
+    ap.add_argument("--server-cpus", default=f"{SERVER_CPU},{FIO_CPU}",
                     help="CPU list (taskset) for the userspace servers (runner, rbd-nbd) and "
-                         "all their threads, librbd's included")
+                         "all their threads, librbd's included (default: both vCPUs)")
     ap.add_argument("--librbd-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="a Ceph option for every librbd-based target alike (handler, rbd-nbd, "
                          "rbd bench, api), e.g. rbd_non_blocking_aio=false; repeatable")
