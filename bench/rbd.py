@@ -15,8 +15,9 @@ Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --ben
 
     tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
 
-Measured (2026-11-29, TCG guest on 2 host cores shared with other sessions' VMs; runs A and B
-of the final code, IOPS and ratio to ``rbd bench``; docs/performance.rst has the whole story)::
+Measured (2026-11-29, first round, servers pinned to CPU 0; TCG guest on 2 host cores shared
+with other sessions' VMs; IOPS and ratio to ``rbd bench``; the second round, with the servers on
+both vCPUs, is in bench/README.md and docs/performance.rst)::
 
     target                               randread                randwrite
     rbd bench (librbd C++)               400 / 344               156 / 165
