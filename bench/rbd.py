@@ -2,7 +2,8 @@
 client (krbd, ``rbd map``), ``rbd-nbd`` (librbd behind /dev/nbdX), and ``rbd bench`` (librbd's
 C++ API with no block device at all, the ceiling for the librbd-based paths). fio 4k randread and
 randwrite, io_uring, direct, iodepth 64, one job pinned to CPU 1; the userspace servers (runner,
-rbd-nbd) are pinned to CPU 0; the Ceph daemons float.
+rbd-nbd, with all their threads) may run on both vCPUs, like krbd's kernel threads and the Ceph
+daemons (``--server-cpus 0`` pins them to CPU 0 instead, as before 2026-11-29).
 
 A throw-away cluster (one monitor, one memstore OSD) is brought up on the VM's loopback by
 tests/ceph/cluster.py; the image is written in full first, so no target reads holes that the
@@ -14,8 +15,9 @@ Run in the VM (needs the rbd and nbd modules; rbd-nbd from ``scripts/setup --ben
 
     tests/vm/run .venv/bin/python bench/rbd.py      # loads crc32c_generic, rbd, nbd itself
 
-Measured (2026-11-29, TCG guest on 2 host cores shared with other sessions' VMs; runs A and B
-of the final code, IOPS and ratio to ``rbd bench``; docs/performance.rst has the whole story)::
+Measured (2026-11-29, first round, servers pinned to CPU 0; TCG guest on 2 host cores shared
+with other sessions' VMs; IOPS and ratio to ``rbd bench``; the second round, with the servers on
+both vCPUs, is in bench/README.md and docs/performance.rst)::
 
     target                               randread                randwrite
     rbd bench (librbd C++)               400 / 344               156 / 165
@@ -75,6 +77,20 @@ def cluster_module():
     return mod
 
 
+def cpu_times():
+    """The guest's aggregate /proc/stat CPU times (jiffies): all fields, and idle + iowait."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def cpu_busy(a, b):
+    """Share of both vCPUs' time spent not idle between two cpu_times() (fio and the ramp
+    included): tells whether a run is bound by guest CPU or by waiting (wake-ups)."""
+    total, idle = b[0] - a[0], b[1] - a[1]
+    return 1 - idle / total if total else 0.0
+
+
 def run(*cmd, timeout=600, check=True):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -97,8 +113,10 @@ class Bench:
         i = self.info
         return ["--conf", i["conf"], "--id", i["client_id"], "--keyring", i["keyring"]]
 
-    def measure(self, label, path):
+    def measure(self, label, path, counters=None):
         for rw in ("randread", "randwrite"):
+            before = counters() if counters else None
+            cpu0 = cpu_times()
             perf = None
             if self.args.perf and shutil.which("perf"):
                 # system-wide CPU samples by thread, to see which CPU work each path costs
@@ -111,11 +129,23 @@ class Bench:
             r = fio(path, rw=rw, runtime=self.args.runtime, iodepth=64)
             if perf is not None:
                 perf.wait(timeout=120)
-            print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us", flush=True)
+            busy = cpu_busy(cpu0, cpu_times())
+            print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us "
+                  f"(guest CPUs {busy:.0%} busy)", flush=True)
+            r["guest_busy"] = busy
+            if counters:
+                # per request: how often librbd's thread woke the queue thread, how often the
+                # queue thread slept, and how many requests each ring pass handed to librbd
+                d = {k: v - before[k] for k, v in counters().items()}
+                reqs = max(1, d["requests"])
+                print(f"  {'':40} {rw:9} signals/req {d['signals'] / reqs:.2f} "
+                      f"waits/req {d['waits'] / reqs:.2f} req/batch "
+                      f"{d['requests'] / max(1, d['batches']):.1f}", flush=True)
             self.rows[rw].append((label, r))
 
     # ---- targets ------------------------------------------------------------------------------
-    def ublk(self, tmp, native=True):
+    def ublk(self, tmp, native=True, queues=None):
+        queues = queues or self.args.queues
         from tests.device.runnerproc import RunnerProcess
         i = self.info
         copts = ([] if self.args.cache else ["rbd_cache=false"]) + self.args.librbd_opt
@@ -126,7 +156,7 @@ class Bench:
 devices:
   - name: rbdbench
     handler: rbd
-    queues: {self.args.queues}
+    queues: {queues}
     depth: 128
     options:
       pool: {i['pool']}
@@ -139,7 +169,7 @@ devices:
             run("taskset", "-a", "-p", "-c", self.args.server_cpus, str(r.proc.pid))
             d = r.devices()["rbdbench"]
             path = "native C path" if native else "Python path"
-            label = f"ublk-runner rbd, {path} ({self.args.queues}q)"
+            label = f"ublk-runner rbd, {path} ({queues}q)"
             print(f"  {label}: mode {d.get('mode')}", flush=True)
             prof = None
             if self.args.profile and shutil.which("py-spy"):
@@ -149,7 +179,13 @@ devices:
                     ["py-spy", "record", "--threads", "--native", "-r", "50", "-f", "raw",
                      "-d", str(2 * self.args.runtime + 4), "-o", out + ".txt",
                      "-p", str(r.proc.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            self.measure(label, d["block"])
+
+            def counters():
+                qs = r.cli_json("stats", "rbdbench")["rbdbench"]["queues"].values()
+                out = {k: sum(q[k] for q in qs) for k in ("signals", "waits", "batches")}
+                out["requests"] = sum(sum(q["ops"].values()) for q in qs)
+                return out
+            self.measure(label, d["block"], counters)
             if prof is not None:
                 prof.wait(timeout=120)
         finally:
@@ -285,6 +321,7 @@ devices:
             tmp = tempfile.mkdtemp(prefix="rbd-bench-")
             for name in self.args.targets.split(","):
                 {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
+                 "ublk2": lambda: self.ublk(tmp, queues=2),
                  "krbd": self.krbd, "nbd": self.nbd,
                  "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
@@ -318,10 +355,13 @@ def parse():
                     help="bytes per 'rbd bench' run (it has no time limit)")
     ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
                     help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
-                         "C path), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
-    ap.add_argument("--server-cpus", default=str(SERVER_CPU),
+                         "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
+    # Both vCPUs by default: the runs are bound by guest CPU, and krbd's client work (kernel
+    # threads, softirqs) runs on both; pinning only the userspace servers to one vCPU halved
+    # what librbd could use (docs/performance.rst).
+    ap.add_argument("--server-cpus", default=f"{SERVER_CPU},{FIO_CPU}",
                     help="CPU list (taskset) for the userspace servers (runner, rbd-nbd) and "
-                         "all their threads, librbd's included")
+                         "all their threads, librbd's included (default: both vCPUs)")
     ap.add_argument("--librbd-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="a Ceph option for every librbd-based target alike (handler, rbd-nbd, "
                          "rbd bench, api), e.g. rbd_non_blocking_aio=false; repeatable")

@@ -303,6 +303,7 @@ class Queue:
             "kernel_errors": st.kernel_errors, "last_kernel_error": st.last_kernel_error,
             "aborted": st.aborted, "latency_us_log2": list(st.lat_us),
             "forwarded": st.forwarded, "forward_errors": st.forward_errors,
+            "signals": st.signals, "waits": st.waits, "batches": st.batches,
         }
 
     def serve_forever(self, handle, timeout: float = 1.0) -> None:

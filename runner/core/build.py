@@ -84,6 +84,9 @@ struct ubq_stats {
     uint64_t lat_us[...];
     uint64_t forwarded;
     uint64_t forward_errors;
+    uint64_t signals;
+    uint64_t waits;
+    uint64_t batches;
 };
 #define UBQ_REQ_FORWARDED ...
 

@@ -629,6 +629,7 @@ int ubq_complete(struct ubq *q, uint16_t tag, int32_t result)
 	} while (!atomic_compare_exchange_weak(&q->remote_head, &old, (int32_t)tag));
 	if (old < 0) {
 		uint64_t one = 1;
+		__atomic_fetch_add(&q->st.signals, 1, __ATOMIC_RELAXED);
 		if (write(q->wake_fd, &one, sizeof(one)) < 0)
 			return -errno;
 	}
@@ -989,6 +990,7 @@ int ubq_run(struct ubq *q, const uint16_t *tags, const int32_t *results, uint32_
 			n += ubq_reap(q, out + n, max_out - n);
 			break;
 		}
+		q->st.waits++;
 		if (timeout_ms < 0) {
 			ret = io_uring_submit_and_wait(&q->ring, 1);
 		} else {
@@ -1014,6 +1016,8 @@ int ubq_run(struct ubq *q, const uint16_t *tags, const int32_t *results, uint32_
 		io_uring_submit(&q->ring);
 	if (n == 0 && q->st.aborted == q->depth)
 		return -ENODEV;
+	if (n)
+		q->st.batches++;
 	return (int)n;
 }
 
@@ -1049,6 +1053,7 @@ void ubq_get_stats(struct ubq *q, struct ubq_stats *out)
 {
 	*out = q->st;
 	out->bad_completions = __atomic_load_n(&q->st.bad_completions, __ATOMIC_RELAXED);
+	out->signals = __atomic_load_n(&q->st.signals, __ATOMIC_RELAXED);
 }
 
 int ub_fallocate(int fd, int mode, uint64_t offset, uint64_t length)

@@ -64,6 +64,9 @@ struct ubq_stats {
 	uint64_t lat_us[UBQ_LAT_BUCKETS];
 	uint64_t forwarded;       /* READ/WRITE requests the backend forwarded (ubq_forward) */
 	uint64_t forward_errors;  /* of those, how many completed with an error */
+	uint64_t signals;         /* wake-ups of the owner by other threads' completions (eventfd) */
+	uint64_t waits;           /* times ubq_run blocked waiting for the ring */
+	uint64_t batches;         /* ubq_run calls that returned requests */
 };
 
 /* pollable: the queue will be driven from an event loop through ubq_poll_fd.  Otherwise the
