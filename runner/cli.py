@@ -170,9 +170,10 @@ def _add_plugin_commands(sub, plugins) -> None:
         print(f"ublk-runner: warning: plugin {plugin} could not add its commands: {exc}", file=sys.stderr)
 
 
-def build_parser(plugins=None) -> argparse.ArgumentParser:
+def build_parser(plugins=None, plugin_commands: bool = True) -> argparse.ArgumentParser:
     """The command line; ``plugins`` (a loaded :class:`runner.plugins.Plugins`) adds its
-    commands, by default the autoloaded plugins'."""
+    commands, by default the autoloaded plugins'; ``plugin_commands=False`` builds the
+    built-in commands only, without loading any plugin."""
     parser = argparse.ArgumentParser(prog="ublk-runner", description="Userspace block devices on Linux's ublk driver.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -222,12 +223,24 @@ def build_parser(plugins=None) -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also devices not created by ublk-runner")
     p.add_argument("--include-quiesced", action="store_true",
                    help="also QUIESCED devices that are waiting for user recovery")
-    _add_plugin_commands(sub, plugins)
+    if plugin_commands:
+        _add_plugin_commands(sub, plugins)
     return parser
 
 
+def _parser_for(argv: list[str]) -> argparse.ArgumentParser:
+    """Loading plugins costs time (imports, entry points), and ``run`` loads them again with
+    the configuration's autoload/block lists: only a command that is not built in (or no
+    command, for the full help) needs the plugins' commands."""
+    builtin = build_parser(plugin_commands=False)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    commands = next(a for a in builtin._actions if isinstance(a, argparse._SubParsersAction))
+    return builtin if first in commands.choices else build_parser()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser_for(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ublk.UblkError, RuntimeError) as e:

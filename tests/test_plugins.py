@@ -495,3 +495,30 @@ def test_plugin_commands_added_refused_and_isolated(site, capsys):
     assert cli.build_parser().parse_args(["list"]).func is cli.cmd_list
     assert cli.main(["hello", "nobody"]) == 1
     assert "ublk-runner: nobody to greet" in capsys.readouterr().err
+
+
+def test_builtin_commands_do_not_load_plugins(site, capsys, monkeypatch, tmp_path):
+    """``run`` loads the plugins itself (with the config's autoload/block): the command line
+    must not load them a second time for a built-in command, only for a plugin's command or
+    the top-level help."""
+    from runner import cli, plugins as plugins_mod
+    adds = """
+        from runner.hookspecs import hookimpl
+
+        @hookimpl
+        def ublk_runner_add_commands(subparsers):
+            subparsers.add_parser("hello", help="greet").set_defaults(func=lambda args: 5)
+    """
+    site.dist("hello-dist", "1.0", {"hello": site.module("helloplug2", adds)})
+    calls = []
+    real = plugins_mod.load_plugins
+    monkeypatch.setattr(plugins_mod, "load_plugins", lambda *a, **k: calls.append(a) or real(*a, **k))
+    assert cli.main(["features", "--json"]) in (0, 1)
+    assert calls == []
+    assert cli.main(["hello"]) == 5
+    assert len(calls) == 1
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "hello" in capsys.readouterr().out
+    assert len(calls) == 2
