@@ -91,6 +91,48 @@ def cpu_busy(a, b):
     return 1 - idle / total if total else 0.0
 
 
+def thread_cpu():
+    """{(process name, thread name): CPU ticks} over every thread in the guest, kernel threads
+    included; thread names lose their digits (msgr-worker-0 -> msgr-worker-#) so that threads of
+    one role add up."""
+    out: dict = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                proc = f.read().strip()
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        if proc.startswith("kworker") or "/" in proc:
+            proc = re.sub(r"[/:].*", "", proc)
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    st = f.read()
+            except OSError:
+                continue
+            name = re.sub(r"\d+", "#", st[st.index("(") + 1:st.rindex(")")])
+            name = re.sub(r"[/:].*", "", name)
+            v = st[st.rindex(")") + 2:].split()
+            key = (re.sub(r"\d+", "#", proc), name)
+            out[key] = out.get(key, 0) + int(v[11]) + int(v[12])  # utime + stime
+    return out
+
+
+def top_threads(a, b, requests, n=8):
+    """The n threads (by role) that used the most guest CPU between two thread_cpu() snapshots,
+    in microseconds per request."""
+    hz = os.sysconf("SC_CLK_TCK")
+    d = {k: v - a.get(k, 0) for k, v in b.items() if v - a.get(k, 0) > 0}
+    total = sum(d.values())
+    rows = sorted(d.items(), key=lambda kv: -kv[1])[:n]
+    per = lambda t: t / hz / max(1, requests) * 1e6
+    return (f"{per(total):.0f} us/req: " +
+            ", ".join(f"{p}:{t} {per(v):.0f}" for (p, t), v in rows))
+
+
 def run(*cmd, timeout=600, check=True):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -117,6 +159,7 @@ class Bench:
         for rw in ("randread", "randwrite"):
             before = counters() if counters else None
             cpu0 = cpu_times()
+            threads0 = thread_cpu() if self.args.threads else None
             perf = None
             if self.args.perf and shutil.which("perf"):
                 # system-wide CPU samples by thread, to see which CPU work each path costs
@@ -130,6 +173,11 @@ class Bench:
             if perf is not None:
                 perf.wait(timeout=120)
             busy = cpu_busy(cpu0, cpu_times())
+            if threads0 is not None:
+                # fio's ramp second is inside the snapshot: slightly over-counts per request
+                print(f"  {'':40} {rw:9} CPU "
+                      f"{top_threads(threads0, thread_cpu(), r['iops'] * (self.args.runtime + 1))}",
+                      flush=True)
             print(f"  {label:40} {rw:9} {r['iops']:9.0f} IOPS {r['lat_us']:9.1f} us "
                   f"(guest CPUs {busy:.0%} busy)", flush=True)
             r["guest_busy"] = busy
@@ -227,6 +275,7 @@ devices:
             [f"--{o}" for o in self.args.librbd_opt]
         for rw, io_type in (("randread", "read"), ("randwrite", "write")):
             t0 = time.monotonic()
+            threads0 = thread_cpu() if self.args.threads else None
             p = run("taskset", "-c", str(FIO_CPU), "rbd", "bench", *self.ceph_args(), *cache,
                     "--io-type", io_type, "--io-size", "4K", "--io-threads", "64",
                     "--io-pattern", "rand", "--io-total", str(self.args.bench_total),
@@ -236,6 +285,9 @@ devices:
                 self.skipped.append(f"rbd bench {rw}: unparsable output {p.stdout[-300:]!r}")
                 continue
             iops = float(m.group(3))
+            if threads0 is not None:
+                print(f"  {'':40} {rw:9} CPU "
+                      f"{top_threads(threads0, thread_cpu(), int(m.group(2)))}", flush=True)
             r = {"iops": iops, "lat_us": 64 / iops * 1e6}  # Little's law; rbd bench has no latency
             print(f"  {'rbd bench (librbd C++, no block device)':40} {rw:9} {iops:9.0f} IOPS "
                   f"({time.monotonic() - t0:.0f}s)", flush=True)
@@ -294,6 +346,30 @@ devices:
             h.close()
             os.sched_setaffinity(0, set(range(os.cpu_count())))
 
+    def median_rounds(self, rw, rows):
+        """Rounds -> one row per target: the median IOPS and latency, the per-round IOPS kept.
+        Prints every target's per-round ratio to the first target: the host's load drifts
+        over minutes, and targets measured next to each other in one round see nearly the same
+        host, so the spread of these ratios says how far a single round could be trusted."""
+        import statistics
+        by: dict[str, list[dict]] = {}
+        for label, r in rows:
+            by.setdefault(label, []).append(r)
+        first = next(iter(by), None)
+        out = []
+        for label, rs in by.items():
+            iops = [r["iops"] for r in rs]
+            agg = {"iops": statistics.median(iops),
+                   "lat_us": statistics.median(r["lat_us"] for r in rs), "rounds_iops": iops}
+            if label != first and len(rs) == len(by[first]):
+                ratios = [b["iops"] / a["iops"] for a, b in zip(by[first], rs)]
+                agg["rounds_ratio"] = ratios
+                print(f"  {rw:9} {label:40} per round / {first}: "
+                      + " ".join(f"{x:.2f}" for x in ratios)
+                      + f"  (median {statistics.median(ratios):.2f})", flush=True)
+            out.append((label, agg))
+        return out
+
     # ---- main ---------------------------------------------------------------------------------
     def main(self):
         mod = cluster_module()
@@ -319,13 +395,18 @@ devices:
                 "--io-threads", "8", "--io-pattern", "seq", "--io-total", str(self.args.size),
                 f"{self.info['pool']}/{self.image}", timeout=900)
             tmp = tempfile.mkdtemp(prefix="rbd-bench-")
-            for name in self.args.targets.split(","):
-                {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
-                 "ublk2": lambda: self.ublk(tmp, queues=2),
-                 "krbd": self.krbd, "nbd": self.nbd,
-                 "librbd": self.rbd_bench, "api": self.api}[name]()
+            for k in range(self.args.rounds):
+                if self.args.rounds > 1:
+                    print(f"round {k + 1} of {self.args.rounds}", flush=True)
+                for name in self.args.targets.split(","):
+                    {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
+                     "ublk2": lambda: self.ublk(tmp, queues=2),
+                     "krbd": self.krbd, "nbd": self.nbd,
+                     "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
             c.down(purge=True)
+        if self.args.rounds > 1:
+            self.rows = {rw: self.median_rounds(rw, rows) for rw, rows in self.rows.items()}
         ref = self.rows["randread"][0][0] if self.rows["randread"] else None
         cache = "librbd cache on (writearound)" if self.args.cache else "rbd_cache=false"
         cache = ", ".join([cache] + self.args.librbd_opt)
@@ -348,6 +429,8 @@ devices:
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runtime", type=int, default=15, help="fio seconds per run")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every target this many times, in turn; report medians")
     ap.add_argument("--size", type=int, default=256 * MiB, help="image bytes")
     ap.add_argument("--queues", type=int, default=1, help="ublk queues of the rbd device")
     ap.add_argument("--cache", action="store_true", help="keep librbd's default cache")
@@ -365,6 +448,9 @@ def parse():
     ap.add_argument("--librbd-opt", action="append", default=[], metavar="KEY=VALUE",
                     help="a Ceph option for every librbd-based target alike (handler, rbd-nbd, "
                          "rbd bench, api), e.g. rbd_non_blocking_aio=false; repeatable")
+    ap.add_argument("--threads", action="store_true",
+                    help="print which guest threads (by role) used the CPU in each fio run, "
+                         "in microseconds per request")
     ap.add_argument("--perf", metavar="DIR",
                     help="perf record -a during every fio run (perturbs it a little)")
     ap.add_argument("--profile", metavar="DIR",
