@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: fio runs pinned to a CPU, served devices, the result table."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -77,6 +78,58 @@ def over_nbd(server_cmd: list, sock: str, runtime: int, nbd_dev: str = "/dev/nbd
         finally:
             subprocess.run(["nbd-client", "-d", nbd_dev], capture_output=True, timeout=60)
     finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+CONFIGFS_TARGET = "/sys/kernel/config/target"
+
+
+@contextlib.contextmanager
+def tcmu_disk(config: str, size: int, name: str, cpus: str):
+    """A tcmu-runner handler's device (``config`` is its cfgstring, e.g. ``qcow/PATH`` or
+    ``rbd/POOL/IMAGE;conf=...``) as a user: backstore, exported as a local SCSI disk by
+    tcm_loop; yields the /dev/sdX path.  Set up through configfs directly: targetcli needs
+    tcmu-runner on D-Bus, and the VM runs no D-Bus daemon.  Needs the modules
+    target_core_user, tcm_loop and sd_mod; tcmu-runner runs on ``cpus`` (taskset list)."""
+    import glob
+    before = set(glob.glob("/sys/block/sd*"))
+    log_dir = "/run/tcmu-bench"
+    os.makedirs(log_dir, exist_ok=True)
+    proc = subprocess.Popen(["taskset", "-c", cpus, "tcmu-runner", "-l", log_dir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    backstore = f"{CONFIGFS_TARGET}/core/user_1/{name}"
+    wwn = f"{CONFIGFS_TARGET}/loopback/naa.5001405bench0001"
+    tpg = f"{wwn}/tpgt_1"
+    lun = f"{tpg}/lun/lun_0"
+    try:
+        time.sleep(2)   # tcmu-runner registers its handlers with the kernel over netlink
+        os.makedirs(backstore)
+        for setting in (f"dev_config={config}", f"dev_size={size}"):
+            with open(f"{backstore}/control", "w") as f:
+                f.write(setting)
+        with open(f"{backstore}/enable", "w") as f:
+            f.write("1")
+        os.makedirs(lun)
+        with open(f"{tpg}/nexus", "w") as f:
+            f.write("naa.5001405bench0002")
+        os.symlink(backstore, f"{lun}/{name}")
+        try:
+            wait_for(lambda: set(glob.glob("/sys/block/sd*")) - before, "the tcm_loop SCSI disk", 30)
+        except RuntimeError:
+            logs = "".join(open(f).read()[-2000:] for f in glob.glob(f"{log_dir}/*"))
+            raise RuntimeError(f"no SCSI disk appeared; tcmu-runner alive: {proc.poll() is None}; "
+                               f"log: {logs or '(none)'}") from None
+        disk = "/dev/" + os.path.basename(sorted(set(glob.glob("/sys/block/sd*")) - before)[0])
+        wait_for(lambda: os.path.exists(disk), disk)
+        yield disk
+    finally:
+        for undo in (lambda: os.unlink(f"{lun}/{name}"), lambda: os.rmdir(lun),
+                     lambda: os.rmdir(tpg), lambda: os.rmdir(wwn), lambda: os.rmdir(backstore)):
+            try:
+                undo()
+            except OSError:
+                pass
         proc.terminate()
         proc.wait(30)
 

@@ -7,15 +7,13 @@ servers.  In the VM (peers: scripts/setup --bench):
     UBLK_VM_MODULES="ublk_drv nbd target_core_user tcm_loop sd_mod" tests/vm/run .venv/bin/python bench/qcow2.py
 """
 import argparse
-import glob
 import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SERVER_CPU, both, over_nbd, runner_device, save_results, table, wait_for  # noqa: E402
+from common import SERVER_CPU, both, over_nbd, runner_device, save_results, table, tcmu_disk  # noqa: E402
 
 from runner.config import DeviceConfig  # noqa: E402
 from runner.handler import validate_options  # noqa: E402
@@ -43,53 +41,9 @@ def qemu_nbd(path, runtime, nbd_dev="/dev/nbd0"):
     return over_nbd(["qemu-nbd", "-f", "qcow2", "-k", sock, path], sock, runtime, nbd_dev)
 
 
-CFS = "/sys/kernel/config/target"
-
-
 def tcmu_qcow(path, size, runtime):
-    """tcmu-runner's qcow handler as a user:qcow backstore, exported as a local SCSI disk by
-    tcm_loop.  Set up through configfs directly: targetcli needs tcmu-runner on D-Bus, and the VM
-    runs no D-Bus daemon."""
-    before = set(glob.glob("/sys/block/sd*"))
-    log_dir = "/run/tcmu-bench"
-    os.makedirs(log_dir, exist_ok=True)
-    proc = subprocess.Popen(["taskset", "-c", str(SERVER_CPU), "tcmu-runner", "-l", log_dir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    backstore = f"{CFS}/core/user_1/qcowbench"
-    wwn = f"{CFS}/loopback/naa.5001405bench0001"
-    tpg = f"{wwn}/tpgt_1"
-    lun = f"{tpg}/lun/lun_0"
-    try:
-        time.sleep(2)   # tcmu-runner registers its handlers with the kernel over netlink
-        os.makedirs(backstore)
-        with open(f"{backstore}/control", "w") as f:
-            f.write(f"dev_config=qcow/{path}")
-        with open(f"{backstore}/control", "w") as f:
-            f.write(f"dev_size={size}")
-        with open(f"{backstore}/enable", "w") as f:
-            f.write("1")
-        os.makedirs(lun)
-        with open(f"{tpg}/nexus", "w") as f:
-            f.write("naa.5001405bench0002")
-        os.symlink(backstore, f"{lun}/qcowbench")
-        try:
-            wait_for(lambda: set(glob.glob("/sys/block/sd*")) - before, "the tcm_loop SCSI disk", 30)
-        except RuntimeError:
-            logs = "".join(open(f).read()[-2000:] for f in glob.glob(f"{log_dir}/*"))
-            raise RuntimeError(f"no SCSI disk appeared; tcmu-runner alive: {proc.poll() is None}; "
-                               f"log: {logs or '(none)'}") from None
-        disk = "/dev/" + os.path.basename(sorted(set(glob.glob("/sys/block/sd*")) - before)[0])
-        wait_for(lambda: os.path.exists(disk), disk)
+    with tcmu_disk(f"qcow/{path}", size, "qcowbench", str(SERVER_CPU)) as disk:
         return both(disk, runtime)
-    finally:
-        for undo in (lambda: os.unlink(f"{lun}/qcowbench"), lambda: os.rmdir(lun),
-                     lambda: os.rmdir(tpg), lambda: os.rmdir(wwn), lambda: os.rmdir(backstore)):
-            try:
-                undo()
-            except OSError:
-                pass
-        proc.terminate()
-        proc.wait(30)
 
 
 def main():

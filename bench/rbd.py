@@ -1,9 +1,11 @@
-"""One RBD image, four ways to reach it: this project's ``rbd`` handler (ublk), the kernel's rbd
-client (krbd, ``rbd map``), ``rbd-nbd`` (librbd behind /dev/nbdX), and ``rbd bench`` (librbd's
-C++ API with no block device at all, the ceiling for the librbd-based paths). fio 4k randread and
-randwrite, io_uring, direct, iodepth 64, one job pinned to CPU 1; the userspace servers (runner,
-rbd-nbd, with all their threads) may run on both vCPUs, like krbd's kernel threads and the Ceph
-daemons (``--server-cpus 0`` pins them to CPU 0 instead, as before 2026-11-29).
+"""One RBD image, five ways to reach it: this project's ``rbd`` handler (ublk), the kernel's rbd
+client (krbd, ``rbd map``), ``rbd-nbd`` (librbd behind /dev/nbdX), tcmu-runner's rbd handler
+(librbd behind LIO's tcm_loop) and ``rbd bench`` (librbd's C++ API with no block device at all:
+the ceiling for every librbd-based path). fio 4k randread and randwrite, io_uring, direct,
+iodepth 64, one job pinned to CPU 1; the userspace servers (runner, rbd-nbd, tcmu-runner and
+``rbd bench``, with all their threads) may run on both vCPUs, like krbd's kernel threads and the
+Ceph daemons (``--server-cpus 0`` pins them to CPU 0 instead, as before 2026-11-29; ``rbd
+bench`` ran on CPU 1 alone until the third round).
 
 A throw-away cluster (one monitor, one memstore OSD) is brought up on the VM's loopback by
 tests/ceph/cluster.py; the image is written in full first, so no target reads holes that the
@@ -34,9 +36,14 @@ callback on librbd's thread, and its API alone (no kernel) stays below 0.25 of `
 for reads. krbd stays ahead: its client is in the kernel, while every librbd-based path pays
 librbd's own CPU cost (the bulk under TCG) on the server's vCPU.
 
-tcmu-runner's rbd handler is not measured: it needs LIO (target_core_user, tcm_loop and a
-targetcli-made configfs tree) and tcmu-runner registers its handlers over the system D-Bus,
-which the test VM (busybox init, no dbus-daemon) does not have.
+tcmu-runner's rbd handler (librbd too, behind LIO's tcm_loop as a SCSI disk; target ``tcmu``)
+is set up through configfs directly (bench/common.py ``tcmu_disk``): targetcli would need
+tcmu-runner on D-Bus, which the test VM does not run.
+
+``--rounds N`` measures the targets in turn N times and reports medians, with each target's
+per-round ratio to the first target: the host's load drifts over minutes (other sessions' VMs
+share its 2 cores), and one round moves a ratio by up to 2x. ``--threads`` prints which guest
+threads used the CPU, per request.
 """
 from __future__ import annotations
 
@@ -63,7 +70,7 @@ _spec = importlib.util.spec_from_file_location("ublk_bench_common", os.path.join
 _common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_common)
 FIO_CPU, SERVER_CPU, fio, table = _common.FIO_CPU, _common.SERVER_CPU, _common.fio, _common.table
-save_results = _common.save_results
+save_results, tcmu_disk = _common.save_results, _common.tcmu_disk
 
 MiB = 1 << 20
 
@@ -270,13 +277,34 @@ devices:
         finally:
             run("rbd-nbd", "unmap", dev, check=False, timeout=120)
 
+    def tcmu(self):
+        """tcmu-runner's rbd handler (librbd, like ours) behind LIO's tcm_loop as /dev/sdX."""
+        if not shutil.which("tcmu-runner"):
+            self.skipped.append("tcmu-runner: not installed (scripts/setup --bench)")
+            return
+        i = self.info
+        # its cfgstring takes conf= and id=, not a keyring: a conf of its own names the keyring
+        conf = os.path.join(os.path.dirname(i["conf"]), "tcmu-ceph.conf")
+        settings = [f"keyring = {i['keyring']}"] + \
+            ([] if self.args.cache else ["rbd cache = false"]) + \
+            [o.replace("=", " = ", 1) for o in self.args.librbd_opt]
+        with open(i["conf"]) as src, open(conf, "w") as f:
+            f.write(src.read() + f"\n[client.{i['client_id']}]\n" +
+                    "".join(f"{x}\n" for x in settings))
+        cfg = f"rbd/{i['pool']}/{self.image};conf={conf};id={i['client_id']}"
+        try:
+            with tcmu_disk(cfg, self.args.size, "rbdbench", self.args.server_cpus) as disk:
+                self.measure("tcmu-runner rbd handler (tcm_loop)", disk)
+        except RuntimeError as e:
+            self.skipped.append(f"tcmu-runner rbd: {e}"[-400:])
+
     def rbd_bench(self):
         cache = ([] if self.args.cache else ["--rbd_cache=false"]) + \
             [f"--{o}" for o in self.args.librbd_opt]
         for rw, io_type in (("randread", "read"), ("randwrite", "write")):
             t0 = time.monotonic()
             threads0 = thread_cpu() if self.args.threads else None
-            p = run("taskset", "-c", str(FIO_CPU), "rbd", "bench", *self.ceph_args(), *cache,
+            p = run("taskset", "-c", self.args.server_cpus, "rbd", "bench", *self.ceph_args(), *cache,
                     "--io-type", io_type, "--io-size", "4K", "--io-threads", "64",
                     "--io-pattern", "rand", "--io-total", str(self.args.bench_total),
                     f"{self.info['pool']}/{self.image}", timeout=900)
@@ -379,7 +407,8 @@ devices:
         subprocess.run(["ip", "link", "set", "lo", "up"], capture_output=True)
         # krbd and nbd. Loaded here, in this order: the harness' single "modprobe -a" fails on
         # libcrc32c in the TCG guest unless crc32c_generic is loaded first.
-        for m in ("crc32c_generic", "libcrc32c", "rbd", "nbd"):
+        for m in ("crc32c_generic", "libcrc32c", "rbd", "nbd", "target_core_user", "tcm_loop",
+                  "sd_mod"):
             subprocess.run(["modprobe", m], capture_output=True)
         d = tempfile.mkdtemp(prefix="ceph-bench-", dir="/tmp")
         c = mod.Cluster(d, objectstore="memstore", store_bytes=self.args.size * 3)
@@ -401,7 +430,7 @@ devices:
                 for name in self.args.targets.split(","):
                     {"ublk": lambda: self.ublk(tmp), "ublk-py": lambda: self.ublk(tmp, False),
                      "ublk2": lambda: self.ublk(tmp, queues=2),
-                     "krbd": self.krbd, "nbd": self.nbd,
+                     "krbd": self.krbd, "nbd": self.nbd, "tcmu": self.tcmu,
                      "librbd": self.rbd_bench, "api": self.api}[name]()
         finally:
             c.down(purge=True)
@@ -438,7 +467,8 @@ def parse():
                     help="bytes per 'rbd bench' run (it has no time limit)")
     ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
                     help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
-                         "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd)")
+                         "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd), "
+                         "tcmu (tcmu-runner's rbd handler over tcm_loop)")
     # Both vCPUs by default: the runs are bound by guest CPU, and krbd's client work (kernel
     # threads, softirqs) runs on both; pinning only the userspace servers to one vCPU halved
     # what librbd could use (docs/performance.rst).
