@@ -146,10 +146,12 @@ class ServedDevice:
         self.handle = handle
         self.native = native
         self.threads = []
+        self.queues = []
 
     def _serve(self, q_id, ready):
         os.sched_setaffinity(0, {SERVER_CPU})
         with self.dev.open_queue(q_id, native=self.native, pollable=self.pollable) as q:
+            self.queues.append(q)
             ready.set()
             try:
                 while True:
@@ -158,6 +160,17 @@ class ServedDevice:
                         self.handle(q, reqs)
             except QueueStopped:
                 pass
+
+    def counters(self) -> dict:
+        """The served queues' counters, summed: requests, ``waits`` (the queue thread slept in
+        io_uring_enter) and ``batches`` (ring passes that handed requests to Python)."""
+        out = {"requests": 0, "waits": 0, "batches": 0}
+        for q in self.queues:
+            st = q.stats()
+            out["requests"] += sum(st["ops"].values())
+            out["waits"] += st["waits"]
+            out["batches"] += st["batches"]
+        return out
 
     def __enter__(self):
         for q_id in range(self.dev.info.nr_queues):
