@@ -110,6 +110,7 @@ class Control:
     """One control ring on ``/dev/ublk-control``.  Not thread-safe: one per thread or device."""
 
     def __init__(self):
+        self._c = None  # __del__ runs even when the open below fails
         pp = ffi.new("struct ubc **")
         ret = lib.ubc_open(pp)
         if ret < 0:
