@@ -225,6 +225,7 @@ def build_parser(plugins=None, plugin_commands: bool = True) -> argparse.Argumen
                    help="also QUIESCED devices that are waiting for user recovery")
     if plugin_commands:
         _add_plugin_commands(sub, plugins)
+    parser.commands = sub.choices  # name -> subparser, for _parser_for
     return parser
 
 
@@ -234,8 +235,7 @@ def _parser_for(argv: list[str]) -> argparse.ArgumentParser:
     command, for the full help) needs the plugins' commands."""
     builtin = build_parser(plugin_commands=False)
     first = next((a for a in argv if not a.startswith("-")), None)
-    commands = next(a for a in builtin._actions if isinstance(a, argparse._SubParsersAction))
-    return builtin if first in commands.choices else build_parser()
+    return builtin if first in builtin.commands else build_parser()
 
 
 def main(argv: list[str] | None = None) -> int:
