@@ -303,7 +303,6 @@ devices:
             [f"--{o}" for o in self.args.librbd_opt]
         for rw, io_type in (("randread", "read"), ("randwrite", "write")):
             t0 = time.monotonic()
-            threads0 = thread_cpu() if self.args.threads else None
             p = run("taskset", "-c", self.args.server_cpus, "rbd", "bench", *self.ceph_args(), *cache,
                     "--io-type", io_type, "--io-size", "4K", "--io-threads", "64",
                     "--io-pattern", "rand", "--io-total", str(self.args.bench_total),
@@ -313,9 +312,6 @@ devices:
                 self.skipped.append(f"rbd bench {rw}: unparsable output {p.stdout[-300:]!r}")
                 continue
             iops = float(m.group(3))
-            if threads0 is not None:
-                print(f"  {'':40} {rw:9} CPU "
-                      f"{top_threads(threads0, thread_cpu(), int(m.group(2)))}", flush=True)
             r = {"iops": iops, "lat_us": 64 / iops * 1e6}  # Little's law; rbd bench has no latency
             print(f"  {'rbd bench (librbd C++, no block device)':40} {rw:9} {iops:9.0f} IOPS "
                   f"({time.monotonic() - t0:.0f}s)", flush=True)
@@ -465,7 +461,7 @@ def parse():
     ap.add_argument("--cache", action="store_true", help="keep librbd's default cache")
     ap.add_argument("--bench-total", type=int, default=64 * MiB,
                     help="bytes per 'rbd bench' run (it has no time limit)")
-    ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd",
+    ap.add_argument("--targets", default="librbd,api,ublk,ublk-py,krbd,nbd,tcmu",
                     help="librbd (rbd bench), api (handler API, Python), ublk (handler, native "
                          "C path), ublk2 (the same with 2 queues), ublk-py (handler, native: false), krbd, nbd (rbd-nbd), "
                          "tcmu (tcmu-runner's rbd handler over tcm_loop)")
@@ -480,7 +476,8 @@ def parse():
                          "rbd bench, api), e.g. rbd_non_blocking_aio=false; repeatable")
     ap.add_argument("--threads", action="store_true",
                     help="print which guest threads (by role) used the CPU in each fio run, "
-                         "in microseconds per request")
+                         "in microseconds per request (not for rbd bench: its threads are "
+                         "gone before they can be counted)")
     ap.add_argument("--perf", metavar="DIR",
                     help="perf record -a during every fio run (perturbs it a little)")
     ap.add_argument("--profile", metavar="DIR",
